@@ -1,0 +1,123 @@
+"""The one place where every knob gets its default, plus `parse_arg`.
+
+`configs/*.py` start from `base_config()` and change what their data set and
+model need; any field can still be overridden as `--config.train.epochs=5`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Paper settings (Tan et al., Sec. 5.1) on the synthetic data set."""
+  c = ml_collections.ConfigDict()
+  # Seed for parameter init, data order, negatives, dropout and perturbations.
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  # 'synthetic' (built in, no download) or 'file' (read data.path).
+  c.data.name = "synthetic"
+  # Data file; relative paths are also looked up in $CAT_DATA_DIR.
+  c.data.path = ""
+  # 'auto', 'user_lines', 'interactions', 'movielens' or 'csv'.
+  c.data.format = "auto"
+  # k-core filter (users and items with >= k interactions); 0 = off.
+  c.data.kcore = 0
+  # T: length of the left-padded input window (paper: 50 Amazon, 200 ML-1M).
+  c.data.max_len = 50
+  c.data.synthetic = ml_collections.ConfigDict()
+  # Size of the synthetic Markov-chain data set (see data.synthetic_dataset).
+  c.data.synthetic.num_users = 2000
+  c.data.synthetic.num_items = 500
+  c.data.synthetic.num_clusters = 20
+  c.data.synthetic.mean_length = 20.0
+  # Chance of moving to the next item of the chain / to an item of the same
+  # cluster; the rest is a jump to a popular item anywhere.
+  c.data.synthetic.p_next = 0.6
+  c.data.synthetic.p_stay = 0.3
+  # Zipf exponent of item popularity.
+  c.data.synthetic.zipf = 1.1
+  # Seed of the generator (independent of the training seed).
+  c.data.synthetic.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  # 'sasrec' or 'gru4rec'.
+  c.model.name = "sasrec"
+  # Embedding / hidden size d.
+  c.model.hidden = 100
+  # SASRec self-attention blocks and heads (unused by GRU4Rec).
+  c.model.num_blocks = 2
+  c.model.num_heads = 1
+  # Dropout rate on embeddings, attention and feed-forward layers.
+  c.model.dropout = 0.2
+
+  c.train = ml_collections.ConfigDict()
+  # Phase 1: epochs of base training (paper: 500).
+  c.train.epochs = 500
+  # Users per step; one sampled negative per position.
+  c.train.batch_size = 128
+  # Adam learning rate and betas.
+  c.train.lr = 1e-3
+  c.train.b1 = 0.9
+  c.train.b2 = 0.98
+  # L2 regularization coefficient (added to the gradient, as torch's Adam).
+  c.train.l2 = 1e-5
+  # Evaluate on validation (and save the latest checkpoint) every N epochs.
+  c.train.eval_every = 20
+  # Print a progress line every N epochs.
+  c.train.log_every = 1
+  # Reuse the pretrained phase-1 state from another workdir ('' = this one).
+  c.train.pretrain_dir = ""
+
+  c.adv = ml_collections.ConfigDict()
+  # Phase 2 method: none, linear, seq, global, cas, cas_temporal, cas_cross.
+  c.adv.method = "cas"
+  # Phase 2: epochs trained from the phase-1 state (paper: 100; 0 = skip).
+  c.adv.epochs = 100
+  # Perturbation size eps (both levels, Eq. 4.7 and 4.9).
+  c.adv.eps = 10.0
+  # Weights of L_adv1 and L_adv2 in Eq. 4.10.
+  c.adv.lambda1 = 1.0
+  c.adv.lambda2 = 1.0
+  # Size of the random start of the level-1 search (see adversarial.py).
+  c.adv.xi = 1e-3
+
+  c.eval = ml_collections.ConfigDict()
+  # Users per evaluation batch (results do not depend on it).
+  c.eval.batch_size = 256
+  # Cut-offs K of NDCG@K and HR@K.
+  c.eval.ks = (5, 10, 20)
+  # Validation metric for model selection.
+  c.eval.select = "ndcg@10"
+  return c
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+  """Parses 'key=value,flag,...' from `--config=file.py:ARG` (big_vision style).
+
+  `spec` gives each allowed key with its default; the type of the default
+  decides the parsing. A bare key sets a bool to True. Unknown keys raise.
+  """
+  out = ml_collections.ConfigDict(spec)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, eq, value = item.partition("=")
+    if key not in spec:
+      raise ValueError(
+          f"Unknown config argument {key!r}; known: {sorted(spec)}.")
+    default = spec[key]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ValueError(f"Config argument {key!r} needs a value.")
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif default is None:
+      out[key] = value
+    else:
+      out[key] = type(default)(value)
+  return out

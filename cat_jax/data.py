@@ -1,0 +1,462 @@
+"""Data pipeline: readers, k-core filtering, leave-one-out split, padded windows.
+
+Everything here is host-side numpy; `cat_jax.train` moves the arrays built by
+`build_arrays` onto the device once, so no batch ever crosses the host/device
+boundary during training.
+
+Conventions (the paper's and SASRec's):
+  * items are 1..N, 0 is padding;
+  * users are 0..U-1 internally (their original ids are kept in `Dataset.user_ids`);
+  * every sequence is in time order, oldest first;
+  * leave-one-out: last item = test target, second-to-last = validation target,
+    the rest = training. Users with fewer than 3 interactions are training-only.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+FORMATS = ("user_lines", "interactions", "movielens", "csv")
+
+DATA_HINT = (
+    "The Amazon Beauty and Video Games 5-core files (per-user lines) are in the "
+    "S3-Rec/ICLRec repositories (data/Beauty.txt, data/Video_Games.txt); the "
+    "SASRec-format ML-1M file is kang205/SASRec data/ml-1m.txt and the raw "
+    "MovieLens ratings.dat is at grouplens.org. Pass the file with "
+    "--config.data.path=/path/to/file or put it in $CAT_DATA_DIR."
+)
+
+
+class DataError(ValueError):
+  """A data file is missing or malformed; the message names file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Per-user item sequences in time order, items remapped to 1..num_items.
+
+  Attributes:
+    sequences: list of int32 arrays, one per user, oldest interaction first.
+    num_items: N; item ids are 1..N and 0 is padding.
+    user_ids: original user id (as read) of each internal user.
+    item_ids: original item id of internal item i at index i-1.
+  """
+  sequences: list
+  num_items: int
+  user_ids: list
+  item_ids: list
+
+  @property
+  def num_users(self) -> int:
+    return len(self.sequences)
+
+  @property
+  def num_interactions(self) -> int:
+    return int(sum(len(s) for s in self.sequences))
+
+
+# ----------------------------------------------------------------------------
+# Readers. Each returns an ordered {user: [item, ...]} dict of raw ids.
+# ----------------------------------------------------------------------------
+
+
+def _open_lines(path: str):
+  if not path:
+    raise DataError(f"No data path given. {DATA_HINT}")
+  if not os.path.exists(path):
+    raise DataError(f"Data file not found: {path!r}. {DATA_HINT}")
+  if os.path.isdir(path):
+    raise DataError(f"Data path {path!r} is a directory; pass the file itself.")
+  with open(path, "r", encoding="utf-8", errors="replace") as f:
+    lines = f.read().splitlines()
+  if not any(line.strip() for line in lines):
+    raise DataError(f"Data file {path!r} is empty.")
+  return lines
+
+
+def _int(token: str, path: str, lineno: int, what: str) -> int:
+  try:
+    value = int(token)
+  except ValueError:
+    raise DataError(
+        f"{path}:{lineno}: {what} {token!r} is not an integer.") from None
+  if value < 0:
+    raise DataError(f"{path}:{lineno}: {what} {value} is negative.")
+  return value
+
+
+def read_user_lines(path: str) -> dict:
+  """Reads `uid i1 i2 ...` lines (items in time order), as in ../shared/data."""
+  out = {}
+  for lineno, line in enumerate(_open_lines(path), 1):
+    tokens = line.split()
+    if not tokens:
+      continue
+    if len(tokens) < 2:
+      raise DataError(
+          f"{path}:{lineno}: expected 'user item1 item2 ...', got {line!r} "
+          "(a user with no items).")
+    uid = _int(tokens[0], path, lineno, "user id")
+    if uid in out:
+      raise DataError(f"{path}:{lineno}: user {uid} appears on two lines.")
+    out[uid] = [_int(t, path, lineno, "item id") for t in tokens[1:]]
+  return out
+
+
+def read_interactions(path: str) -> dict:
+  """Reads `uid iid` lines in time order (the SASRec repository's format)."""
+  out = {}
+  for lineno, line in enumerate(_open_lines(path), 1):
+    tokens = line.split()
+    if not tokens:
+      continue
+    if len(tokens) != 2:
+      raise DataError(
+          f"{path}:{lineno}: expected 2 columns 'user item', got "
+          f"{len(tokens)}: {line!r}.")
+    uid = _int(tokens[0], path, lineno, "user id")
+    out.setdefault(uid, []).append(_int(tokens[1], path, lineno, "item id"))
+  return out
+
+
+def read_movielens(path: str) -> dict:
+  """Reads MovieLens `uid::iid::rating::timestamp`, each user's items by time.
+
+  The sort is stable, so interactions with equal timestamps keep file order.
+  """
+  rows = {}
+  for lineno, line in enumerate(_open_lines(path), 1):
+    if not line.strip():
+      continue
+    tokens = line.split("::")
+    if len(tokens) != 4:
+      raise DataError(
+          f"{path}:{lineno}: expected 4 fields 'user::item::rating::timestamp',"
+          f" got {len(tokens)}: {line!r}.")
+    uid = _int(tokens[0], path, lineno, "user id")
+    iid = _int(tokens[1], path, lineno, "item id")
+    ts = _int(tokens[3].strip(), path, lineno, "timestamp")
+    rows.setdefault(uid, []).append((ts, iid))
+  return {u: [i for _, i in sorted(r, key=lambda x: x[0])]
+          for u, r in rows.items()}
+
+
+def read_csv(path: str) -> dict:
+  """Reads `user,item,rating,timestamp` (Amazon ratings-only files).
+
+  Users and items may be arbitrary strings; each user's items are sorted by
+  timestamp (stable). A first line whose timestamp is not a number is taken as
+  a header.
+  """
+  lines = _open_lines(path)
+  rows = {}
+  for lineno, fields in enumerate(csv.reader(lines), 1):
+    if not fields or not "".join(fields).strip():
+      continue
+    if len(fields) != 4:
+      raise DataError(
+          f"{path}:{lineno}: expected 4 columns 'user,item,rating,timestamp',"
+          f" got {len(fields)}: {','.join(fields)!r}.")
+    user, item, _, ts = (f.strip() for f in fields)
+    try:
+      t = float(ts)
+    except ValueError:
+      if lineno == 1:
+        continue  # header
+      raise DataError(
+          f"{path}:{lineno}: timestamp {ts!r} is not a number.") from None
+    if not user or not item:
+      raise DataError(f"{path}:{lineno}: empty user or item id.")
+    rows.setdefault(user, []).append((t, item))
+  return {u: [i for _, i in sorted(r, key=lambda x: x[0])]
+          for u, r in rows.items()}
+
+
+READERS = {
+    "user_lines": read_user_lines,
+    "interactions": read_interactions,
+    "movielens": read_movielens,
+    "csv": read_csv,
+}
+
+
+def guess_format(path: str) -> str:
+  """Guesses the format from the name and the first non-empty line."""
+  if path.endswith(".dat"):
+    return "movielens"
+  if path.endswith(".csv"):
+    return "csv"
+  for line in _open_lines(path):
+    if line.strip():
+      if "::" in line:
+        return "movielens"
+      if "," in line:
+        return "csv"
+      return "interactions" if len(line.split()) == 2 else "user_lines"
+  raise AssertionError("unreachable: _open_lines rejects empty files")
+
+
+# ----------------------------------------------------------------------------
+# Filtering and remapping.
+# ----------------------------------------------------------------------------
+
+
+def kcore_filter(raw: dict, k: int) -> dict:
+  """Iteratively drops users and items with fewer than k interactions."""
+  if k <= 1:
+    return raw
+  seqs = dict(raw)
+  while True:
+    counts = {}
+    for items in seqs.values():
+      for i in items:
+        counts[i] = counts.get(i, 0) + 1
+    new = {}
+    for u, items in seqs.items():
+      kept = [i for i in items if counts[i] >= k]
+      if len(kept) >= k:
+        new[u] = kept
+    if new.keys() == seqs.keys() and all(
+        len(new[u]) == len(seqs[u]) for u in new):
+      return new
+    seqs = new
+
+
+def remap(raw: dict) -> Dataset:
+  """Maps items to 1..N in order of first appearance, users in file order.
+
+  For the ../shared/data files, whose ids were assigned the same way, this is
+  the identity on items.
+  """
+  item_index = {}
+  sequences, user_ids = [], []
+  for u, items in raw.items():
+    mapped = []
+    for i in items:
+      j = item_index.get(i)
+      if j is None:
+        j = item_index[i] = len(item_index) + 1
+      mapped.append(j)
+    sequences.append(np.asarray(mapped, dtype=np.int32))
+    user_ids.append(u)
+  return Dataset(sequences=sequences, num_items=len(item_index),
+                 user_ids=user_ids, item_ids=list(item_index))
+
+
+def load_dataset(path: str, fmt: str = "auto", kcore: int = 0) -> Dataset:
+  """Reads, optionally k-core filters, and remaps a data file."""
+  if fmt == "auto":
+    fmt = guess_format(path)
+  if fmt not in READERS:
+    raise DataError(
+        f"Unknown data format {fmt!r}; choose one of {('auto',) + FORMATS}.")
+  raw = kcore_filter(READERS[fmt](path), kcore)
+  if not raw:
+    raise DataError(f"No users left in {path!r} after {kcore}-core filtering.")
+  return remap(raw)
+
+
+# ----------------------------------------------------------------------------
+# Synthetic data with real sequential structure.
+# ----------------------------------------------------------------------------
+
+
+def synthetic_dataset(num_users: int = 2000, num_items: int = 500,
+                      num_clusters: int = 20, mean_length: float = 20.0,
+                      min_length: int = 5, p_next: float = 0.6,
+                      p_stay: float = 0.3, zipf: float = 1.1,
+                      seed: int = 0) -> Dataset:
+  """Users walking a Markov chain over items grouped in clusters.
+
+  Items are split into `num_clusters` clusters, each an ordered chain. From
+  item i a user goes to the next item of i's chain with prob `p_next`, to a
+  popularity-weighted item of the same cluster with prob `p_stay`, and else to
+  a popularity-weighted (Zipf(`zipf`)) item anywhere. Items are not repeated
+  within a user. The first item is drawn by popularity. So the last item
+  predicts the next one well, and a popularity ranker does poorly.
+
+  Returns a `Dataset`; deterministic in `seed`.
+  """
+  if num_items < 2 * num_clusters:
+    raise ValueError("synthetic data needs at least 2 items per cluster")
+  rng = np.random.default_rng(seed)
+  pop = 1.0 / np.arange(1, num_items + 1) ** zipf
+  pop = pop[rng.permutation(num_items)]
+  pop /= pop.sum()
+  cluster = rng.integers(0, num_clusters, size=num_items)
+  cluster[:num_clusters] = np.arange(num_clusters)  # no empty cluster
+  members = [np.flatnonzero(cluster == c) for c in range(num_clusters)]
+  successor = np.empty(num_items, dtype=np.int64)
+  for m in members:
+    order = rng.permutation(m)
+    successor[order] = np.roll(order, -1)
+  cluster_pop = [pop[m] / pop[m].sum() for m in members]
+
+  lengths = np.maximum(min_length, rng.poisson(mean_length, size=num_users))
+  lengths = np.minimum(lengths, num_items // 2)
+  sequences = []
+  for length in lengths:
+    seen = set()
+    seq = []
+    cur = rng.choice(num_items, p=pop)
+    for _ in range(length):
+      for _ in range(20):  # a few tries to avoid a repeat
+        if cur not in seen:
+          break
+        cur = rng.choice(num_items, p=pop)
+      if cur in seen:
+        break
+      seen.add(cur)
+      seq.append(cur)
+      u = rng.random()
+      if u < p_next:
+        cur = successor[cur]
+      elif u < p_next + p_stay:
+        c = cluster[cur]
+        cur = rng.choice(members[c], p=cluster_pop[c])
+      else:
+        cur = rng.choice(num_items, p=pop)
+    sequences.append(np.asarray(seq, dtype=np.int64) + 1)
+  raw = {u: s.tolist() for u, s in enumerate(sequences)}
+  return remap(raw)
+
+
+# ----------------------------------------------------------------------------
+# Split and padded arrays.
+# ----------------------------------------------------------------------------
+
+
+def split(seq: np.ndarray):
+  """Leave-one-out split of one sequence: (train, valid_item, test_item).
+
+  valid_item and test_item are 0 for users with fewer than 3 interactions,
+  whose whole sequence is training data.
+  """
+  if len(seq) < 3:
+    return seq, 0, 0
+  return seq[:-2], int(seq[-2]), int(seq[-1])
+
+
+def left_pad(seq: Sequence[int], length: int) -> np.ndarray:
+  """The last `length` items of `seq`, left-padded with 0 to `length`."""
+  out = np.zeros(length, dtype=np.int32)
+  tail = np.asarray(seq[-length:] if length else [], dtype=np.int32)
+  if len(tail):
+    out[length - len(tail):] = tail
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrays:
+  """Dense int32 arrays for the device; see `build_arrays`.
+
+  Attributes:
+    train_inputs: [U, T] left-padded training input windows.
+    train_targets: [U, T] next-item targets (0 where there is none).
+    history: [U, H] each user's training items, sorted ascending, padded with
+      the sentinel N+1 (H = longest training history). Used for exact
+      negative sampling and for excluding history from the ranking.
+    eval_users: [E] users with a validation and a test item.
+    valid_inputs, test_inputs: [E, T] input windows for validation (training
+      items) and test (training items + validation item).
+    valid_targets, test_targets: [E] targets.
+    num_items: N.
+  """
+  train_inputs: np.ndarray
+  train_targets: np.ndarray
+  history: np.ndarray
+  eval_users: np.ndarray
+  valid_inputs: np.ndarray
+  valid_targets: np.ndarray
+  test_inputs: np.ndarray
+  test_targets: np.ndarray
+  num_items: int
+
+  @property
+  def max_len(self) -> int:
+    return self.train_inputs.shape[1]
+
+
+def build_arrays(ds: Dataset, max_len: int) -> Arrays:
+  """Leave-one-out split and left-padded windows of the last `max_len` items.
+
+  The training window of a user is the last max_len+1 training items: inputs
+  are its first max_len, targets its last max_len (the SASRec convention).
+  """
+  if max_len < 1:
+    raise ValueError(f"max_len must be >= 1, got {max_len}")
+  U, T, N = ds.num_users, max_len, ds.num_items
+  splits = [split(s) for s in ds.sequences]
+  H = max(1, max(len(tr) for tr, _, _ in splits))
+  train_inputs = np.zeros((U, T), np.int32)
+  train_targets = np.zeros((U, T), np.int32)
+  history = np.full((U, H), N + 1, np.int32)
+  eval_users, vin, vt, tin, tt = [], [], [], [], []
+  for u, (tr, v, te) in enumerate(splits):
+    if len(tr) == N:
+      raise DataError(
+          f"user {ds.user_ids[u]} has interacted with every item: no negative "
+          "item can be sampled for it; drop it (e.g. with k-core filtering).")
+    window = tr[-(T + 1):]
+    train_inputs[u] = left_pad(window[:-1], T)
+    train_targets[u] = left_pad(window[1:], T)
+    history[u, :len(tr)] = np.sort(tr)
+    if v:
+      eval_users.append(u)
+      vin.append(left_pad(tr, T))
+      vt.append(v)
+      tin.append(left_pad(np.append(tr, v), T))
+      tt.append(te)
+  as_int = lambda x, shape: np.asarray(x, np.int32).reshape(shape)
+  E = len(eval_users)
+  return Arrays(
+      train_inputs=train_inputs, train_targets=train_targets, history=history,
+      eval_users=as_int(eval_users, (E,)), valid_inputs=as_int(vin, (E, T)),
+      valid_targets=as_int(vt, (E,)), test_inputs=as_int(tin, (E, T)),
+      test_targets=as_int(tt, (E,)), num_items=N)
+
+
+def describe(ds: Dataset) -> dict:
+  """Size statistics, as in the paper's Table 1."""
+  lengths = np.array([len(s) for s in ds.sequences])
+  return {
+      "users": ds.num_users, "items": ds.num_items,
+      "interactions": int(lengths.sum()),
+      "avg_length": float(lengths.mean()),
+      "max_length": int(lengths.max()),
+      "density": float(lengths.sum() / (ds.num_users * ds.num_items)),
+  }
+
+
+def resolve_path(path: str, data_dir: str | None = None) -> str:
+  """Finds `path` as given, or under `data_dir` / $CAT_DATA_DIR."""
+  if not path or os.path.isabs(path) or os.path.exists(path):
+    return path
+  data_dir = data_dir or os.environ.get("CAT_DATA_DIR", "")
+  if data_dir:
+    return os.path.join(data_dir, path)
+  return path
+
+
+def load_from_config(cfg) -> Dataset:
+  """Builds the data set named by a `config.data` ConfigDict."""
+  if cfg.name == "synthetic":
+    s = cfg.synthetic
+    return synthetic_dataset(
+        num_users=s.num_users, num_items=s.num_items,
+        num_clusters=s.num_clusters, mean_length=s.mean_length,
+        p_next=s.p_next, p_stay=s.p_stay, zipf=s.zipf, seed=s.seed)
+  if cfg.name != "file":
+    raise DataError(
+        f"Unknown data.name {cfg.name!r}; use 'synthetic' or 'file'.")
+  return load_dataset(resolve_path(cfg.path), cfg.format, cfg.kcore)
+
+
+def iter_batches(n: int, batch_size: int) -> Iterable[slice]:
+  for start in range(0, n, batch_size):
+    yield slice(start, min(n, start + batch_size))

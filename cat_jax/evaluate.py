@@ -1,0 +1,123 @@
+"""Full-ranking evaluation of every user, batched and jitted.
+
+The device computes one integer rank per user (see `metrics.target_rank`);
+the host turns ranks into sums and a denominator in float64 and divides, so
+the numbers do not depend on the batch size or the device count.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cat_jax import metrics
+
+
+def history_mask(history: jax.Array, extra: jax.Array,
+                 num_items: int) -> jax.Array:
+  """[B, N+1] bool: True at each row's history items and at `extra`.
+
+  Args:
+    history: [B, H] item ids; ids > N (the sentinel) are ignored.
+    extra: [B] one more item per row to exclude (0 for none).
+    num_items: N.
+  """
+  B = history.shape[0]
+  rows = jnp.arange(B)
+  mask = jnp.zeros((B, num_items + 1), jnp.bool_)
+  mask = mask.at[rows[:, None], history].set(True, mode="drop")
+  return mask.at[rows, extra].set(True)
+
+
+def model_scores(model) -> Callable:
+  """scores(params, inputs [B, T]) -> [B, N+1]: <W_T, E_j> at the last step."""
+  def scores(params, inputs):
+    S = model.embed(params, inputs)
+    W = model.encode(params, S, inputs > 0, train=False)[:, -1]
+    return W @ model.items(params).T
+  return scores
+
+
+def make_ranker(score_fn: Callable, num_items: int, batch_size: int):
+  """Jitted ranks(params, inputs, targets, users, extra, history) -> [E] int32.
+
+  Args of the returned function:
+    params: anything `score_fn` takes.
+    inputs: [E, T] input windows; targets: [E] items.
+    users: [E] row of each user in `history`.
+    extra: [E] one more item to exclude (the validation item when testing).
+    history: [U, H] training histories (sorted, padded with N+1).
+  """
+  @jax.jit
+  def ranks(params, inputs, targets, users, extra, history):
+    E = inputs.shape[0]
+    nb = -(-E // batch_size)
+    pad = nb * batch_size - E
+
+    def batched(x):
+      x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+      return x.reshape((nb, batch_size) + x.shape[1:])
+
+    def one(xs):
+      x, t, u, e = xs
+      exclude = history_mask(history[u], e, num_items)
+      return metrics.target_rank(score_fn(params, x), t, exclude)
+
+    r = jax.lax.map(one, tuple(batched(a) for a in
+                               (inputs, targets, users, extra)))
+    return r.reshape(-1)[:E]
+  return ranks
+
+
+def summarize(ranks: np.ndarray, ks: Sequence[int]) -> dict:
+  """Means of hr@K, ndcg@K, mrr over users, from 1-based ranks (float64)."""
+  r = np.asarray(ranks, np.float64)
+  n = max(len(r), 1)
+  out = {}
+  for k in ks:
+    hit = r <= k
+    out[f"ndcg@{k}"] = float(np.sum(np.where(hit, 1.0 / np.log2(r + 1), 0.0)) / n)
+    out[f"hr@{k}"] = float(np.sum(hit) / n)
+  out["mrr"] = float(np.sum(1.0 / r) / n)
+  out["users"] = int(len(r))
+  return out
+
+
+def split_inputs(data: dict, split: str):
+  """(inputs, targets, users, extra) of 'valid' or 'test' from device data."""
+  if split == "valid":
+    return (data["valid_inputs"], data["valid_targets"], data["eval_users"],
+            jnp.zeros_like(data["valid_targets"]))
+  if split == "test":
+    # The validation item is history at test time.
+    return (data["test_inputs"], data["test_targets"], data["eval_users"],
+            data["valid_targets"])
+  raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _popularity_fn():
+  def scores(counts, inputs):
+    return jnp.broadcast_to(counts, (inputs.shape[0], counts.shape[0]))
+  return scores
+
+
+def popularity_counts(history: np.ndarray, num_items: int) -> np.ndarray:
+  """[N+1] training-interaction counts per item (the popularity ranker)."""
+  items = history[history <= num_items].ravel()
+  counts = np.bincount(items, minlength=num_items + 1).astype(np.float32)
+  counts[0] = 0
+  return counts
+
+
+def evaluate_popularity(data: dict, num_items: int, batch_size: int,
+                        ks: Sequence[int], split: str = "valid") -> dict:
+  """Metrics of ranking by training popularity (a sanity baseline)."""
+  counts = popularity_counts(np.asarray(data["history"]), num_items)
+  ranker = make_ranker(_popularity_fn(), num_items, batch_size)
+  r = ranker(jnp.asarray(counts), *split_inputs(data, split), data["history"])
+  return summarize(np.asarray(r), ks)

@@ -1,0 +1,171 @@
+"""SASRec and GRU4Rec as Flax linen modules, exposed as pure functions.
+
+The paper (Tan et al., Sec. 3) splits a sequential recommender into
+  S = embed(item_ids)                  [B, T, d]  sequence item embeddings,
+  W = encode(S, mask)                  [B, T, d]  user embedding at each step,
+  score(u, j) = <W_u, E_j>                         with the shared item table E.
+Adversarial training perturbs S (level 1) and W, E_pos, E_neg (level 2), so
+`Model` hands out exactly these three functions of (params, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_emb_init = nn.initializers.glorot_normal()
+
+
+class SASRecModule(nn.Module):
+  """Self-attentive sequential recommender (Kang & McAuley, 2018)."""
+  num_items: int
+  max_len: int
+  hidden: int = 100
+  num_blocks: int = 2
+  num_heads: int = 1
+  dropout: float = 0.2
+
+  def setup(self):
+    self.item_emb = nn.Embed(self.num_items + 1, self.hidden,
+                             embedding_init=_emb_init, name="item_emb")
+    self.pos_emb = nn.Embed(self.max_len, self.hidden,
+                            embedding_init=_emb_init, name="pos_emb")
+    self.attn_ln = [nn.LayerNorm(epsilon=1e-8) for _ in range(self.num_blocks)]
+    self.attn = [
+        nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, qkv_features=self.hidden,
+            out_features=self.hidden, dropout_rate=self.dropout)
+        for _ in range(self.num_blocks)]
+    self.ffn_ln = [nn.LayerNorm(epsilon=1e-8) for _ in range(self.num_blocks)]
+    self.ffn1 = [nn.Dense(self.hidden) for _ in range(self.num_blocks)]
+    self.ffn2 = [nn.Dense(self.hidden) for _ in range(self.num_blocks)]
+    self.drop = nn.Dropout(self.dropout)
+    self.last_ln = nn.LayerNorm(epsilon=1e-8)
+
+  def embed(self, item_ids):
+    return self.item_emb(item_ids)
+
+  def items(self):
+    return self.item_emb.embedding
+
+  def encode(self, S, mask, train: bool = False):
+    det = not train
+    T = S.shape[1]
+    m = mask[..., None].astype(S.dtype)
+    x = S * (self.hidden ** 0.5) + self.pos_emb(jnp.arange(T))[None]
+    x = self.drop(x, deterministic=det) * m
+    # Causal attention that also ignores padding keys (left padding).
+    attn_mask = nn.combine_masks(
+        nn.make_causal_mask(mask, dtype=jnp.bool_),
+        nn.make_attention_mask(jnp.ones_like(mask), mask, dtype=jnp.bool_))
+    for b in range(self.num_blocks):
+      q = self.attn_ln[b](x)
+      x = q + self.attn[b](q, x, mask=attn_mask, deterministic=det)
+      x = self.ffn_ln[b](x)
+      h = self.drop(nn.relu(self.ffn1[b](x)), deterministic=det)
+      x = x + self.drop(self.ffn2[b](h), deterministic=det)
+      x = x * m
+    return self.last_ln(x)
+
+  def __call__(self, item_ids, train: bool = False):
+    return self.encode(self.embed(item_ids), item_ids > 0, train)
+
+
+class GRU4RecModule(nn.Module):
+  """GRU4Rec (Hidasi et al., 2016): embedding, dropout, one GRU layer.
+
+  The recurrence skips padding steps (the state stays at zero until the
+  first real item), so left padding does not change the user embedding.
+  """
+  num_items: int
+  max_len: int
+  hidden: int = 100
+  dropout: float = 0.2
+
+  def setup(self):
+    self.item_emb = nn.Embed(self.num_items + 1, self.hidden,
+                             embedding_init=_emb_init, name="item_emb")
+    self.cell = nn.GRUCell(self.hidden, name="gru")
+    self.drop = nn.Dropout(self.dropout)
+
+  def embed(self, item_ids):
+    return self.item_emb(item_ids)
+
+  def items(self):
+    return self.item_emb.embedding
+
+  def encode(self, S, mask, train: bool = False):
+    x = self.drop(S, deterministic=not train)
+
+    def step(cell, carry, inputs):
+      x_t, m_t = inputs
+      new, _ = cell(carry, x_t)
+      new = jnp.where(m_t[:, None], new, carry)
+      return new, new
+
+    scan = nn.scan(step, variable_broadcast="params",
+                   split_rngs={"params": False}, in_axes=1, out_axes=1)
+    carry = jnp.zeros((S.shape[0], self.hidden), S.dtype)
+    _, W = scan(self.cell, carry, (x, mask))
+    return W * mask[..., None].astype(W.dtype)
+
+  def __call__(self, item_ids, train: bool = False):
+    return self.encode(self.embed(item_ids), item_ids > 0, train)
+
+
+class Model(NamedTuple):
+  """A sequential recommender as pure functions of its parameters.
+
+  init(rng, item_ids [B, T]) -> params
+  embed(params, item_ids [B, T]) -> S [B, T, d]
+  encode(params, S [B, T, d], mask [B, T] bool, *, train, rng) -> W [B, T, d]
+  items(params) -> E [N+1, d]  (row 0 = padding)
+  """
+  init: Callable[..., Any]
+  embed: Callable[..., jax.Array]
+  encode: Callable[..., jax.Array]
+  items: Callable[..., jax.Array]
+  module: nn.Module
+
+
+MODELS = ("sasrec", "gru4rec")
+
+
+def build_model(cfg, num_items: int, max_len: int) -> Model:
+  """Builds `cfg.name` in MODELS from a `config.model` ConfigDict."""
+  if cfg.name == "sasrec":
+    module = SASRecModule(num_items=num_items, max_len=max_len,
+                          hidden=cfg.hidden, num_blocks=cfg.num_blocks,
+                          num_heads=cfg.num_heads, dropout=cfg.dropout)
+  elif cfg.name == "gru4rec":
+    module = GRU4RecModule(num_items=num_items, max_len=max_len,
+                           hidden=cfg.hidden, dropout=cfg.dropout)
+  else:
+    raise ValueError(f"Unknown model.name {cfg.name!r}; choose one of {MODELS}.")
+  return model_functions(module)
+
+
+def model_functions(module: nn.Module) -> Model:
+  """Wraps a module with `embed`, `encode`, `items` methods as pure functions."""
+
+  def init(rng, item_ids):
+    return module.init(rng, item_ids)["params"]
+
+  def embed(params, item_ids):
+    return module.apply({"params": params}, item_ids, method="embed")
+
+  def encode(params, S, mask, *, train=False, rng=None):
+    if train and rng is None:
+      raise ValueError("encode(train=True) needs a dropout rng")
+    rngs = {"dropout": rng} if train else {}
+    return module.apply({"params": params}, S, mask, train, method="encode",
+                        rngs=rngs)
+
+  def items(params):
+    return module.apply({"params": params}, method="items")
+
+  return Model(init=init, embed=embed, encode=encode, items=items,
+               module=module)

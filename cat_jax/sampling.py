@@ -1,0 +1,64 @@
+"""Exact negative sampling on the device.
+
+A negative for a user is drawn uniformly from the items 1..N that are not in
+the user's *whole* training history (not only the T-long window the model
+sees), by rejection: draw, test membership by binary search in the user's
+sorted history row, redraw the hits, until none is left. `data.build_arrays`
+refuses users who have seen every item, so the loop ends.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def in_history(history: jax.Array, items: jax.Array) -> jax.Array:
+  """Whether each item is in its row's history.
+
+  Args:
+    history: [B, H] int, each row sorted ascending (padded with a sentinel
+      larger than every item).
+    items: [B, ...] int items to test.
+
+  Returns:
+    bool array shaped like `items`.
+  """
+  flat = items.reshape(items.shape[0], -1)
+  idx = jax.vmap(jnp.searchsorted)(history, flat)
+  idx = jnp.minimum(idx, history.shape[1] - 1)
+  found = jnp.take_along_axis(history, idx, axis=1) == flat
+  return found.reshape(items.shape)
+
+
+def sample_negatives(rng: jax.Array, history: jax.Array, shape: tuple,
+                     num_items: int) -> jax.Array:
+  """Uniform items from 1..num_items outside each row's history.
+
+  Args:
+    rng: PRNG key.
+    history: [B, H] sorted training histories (see `in_history`).
+    shape: output shape, (B, ...).
+    num_items: N.
+
+  Returns:
+    int32 array of `shape`, no entry in its row's history.
+  """
+  def draw(key):
+    return jax.random.randint(key, shape, 1, num_items + 1, dtype=jnp.int32)
+
+  def cond(carry):
+    _, _, bad = carry
+    return jnp.any(bad)
+
+  def body(carry):
+    key, neg, bad = carry
+    key, sub = jax.random.split(key)
+    neg = jnp.where(bad, draw(sub), neg)
+    return key, neg, in_history(history, neg)
+
+  key, sub = jax.random.split(rng)
+  neg = draw(sub)
+  _, neg, _ = jax.lax.while_loop(cond, body,
+                                 (key, neg, in_history(history, neg)))
+  return neg

@@ -1,0 +1,44 @@
+"""A small JSON-lines metrics writer; only process 0 writes files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+
+
+def is_chief() -> bool:
+  """True on the one process that writes files (process 0)."""
+  return jax.process_index() == 0
+
+
+def _clean(v):
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/inf
+  return v
+
+
+class JsonlWriter:
+  """Appends one JSON object per line to `path`, flushed on every write."""
+
+  def __init__(self, path: str):
+    self._file = None
+    if is_chief():
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      self._file = open(path, "a", encoding="utf-8")
+
+  def write(self, record: dict):
+    if self._file is None:
+      return
+    record = {"time": round(time.time(), 3),
+              **{k: _clean(v) for k, v in record.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()
+      self._file = None

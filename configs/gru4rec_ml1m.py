@@ -1,0 +1,21 @@
+"""gru4rec on ml1m with the paper's settings (Tan et al., Sec. 5.1). MovieLens-1M in the SASRec format (kang205/SASRec data/ml-1m.txt, 'user item' lines).
+
+  export CAT_DATA_DIR=../shared/data     # or pass --config.data.path=...
+  python launch.py --config=configs/gru4rec_ml1m.py --workdir=runs/gru4rec_ml1m
+  python launch.py --config=configs/gru4rec_ml1m.py:method=linear,seed=1
+"""
+
+from cat_jax import config_lib
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, method="cas", eps=10.0, seed=0, path="ml-1m.txt")
+  c = config_lib.base_config()
+  c.seed = a.seed
+  c.data.name = "file"
+  c.data.path = a.path
+  c.data.max_len = 200
+  c.model.name = "gru4rec"
+  c.adv.method = a.method
+  c.adv.eps = a.eps
+  return c
