@@ -43,6 +43,10 @@ class AdvConfig(NamedTuple):
   level2: whether to add L_adv2 (Eq. 4.8/4.9).
   eps: perturbation size (both levels). lambda1, lambda2: Eq. 4.10.
   xi: size of the random start for the level-1 `distance` search.
+  scope: what one perturbation of size eps covers. 'row' (the issue's
+    reading of Eq. 4.7/4.9): each sequence's [T, d] block at level 1, each
+    d-vector at level 2. 'batch': the whole batch tensor (B, T, d) at both
+    levels, so each row gets about eps / sqrt(B*T).
   """
   level1: str = "none"
   level2: bool = False
@@ -50,14 +54,21 @@ class AdvConfig(NamedTuple):
   lambda1: float = 1.0
   lambda2: float = 1.0
   xi: float = 1e-3
+  scope: str = "row"
+
+
+SCOPES = ("row", "batch")
 
 
 def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
-                  lambda2: float = 1.0, xi: float = 1e-3) -> AdvConfig:
+                  lambda2: float = 1.0, xi: float = 1e-3,
+                  scope: str = "row") -> AdvConfig:
   """AdvConfig of a named method; raises a clear error on bad values."""
   if method not in METHODS:
     raise ValueError(
         f"Unknown adv.method {method!r}; choose one of {METHODS}.")
+  if scope not in SCOPES:
+    raise ValueError(f"Unknown adv.scope {scope!r}; choose one of {SCOPES}.")
   for name, v in (("eps", eps), ("lambda1", lambda1), ("lambda2", lambda2),
                   ("xi", xi)):
     if not v >= 0:  # also catches NaN
@@ -66,7 +77,8 @@ def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
       method, "distance")
   level2 = method not in ("none", "seq")
   return AdvConfig(level1=level1, level2=level2, eps=float(eps),
-                   lambda1=float(lambda1), lambda2=float(lambda2), xi=float(xi))
+                   lambda1=float(lambda1), lambda2=float(lambda2), xi=float(xi),
+                   scope=scope)
 
 
 def l2_normalize(g: jax.Array, axes) -> jax.Array:
@@ -83,14 +95,22 @@ def safe_norm(x: jax.Array, axis=-1) -> jax.Array:
   return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
-def sequence_perturbation(grad: jax.Array, eps: float) -> jax.Array:
-  """A = eps * g / ||g||_2, the norm taken over each sequence's [T, d] block."""
-  return jax.lax.stop_gradient(eps * l2_normalize(grad, axes=(-2, -1)))
+def sequence_perturbation(grad: jax.Array, eps: float,
+                          scope: str = "row") -> jax.Array:
+  """A = eps * g / ||g||_2 (Eq. 4.6) for g [B, T, d].
+
+  The norm is over each sequence's [T, d] block (scope 'row') or over the
+  whole batch (scope 'batch').
+  """
+  axes = (-2, -1) if scope == "row" else None
+  return jax.lax.stop_gradient(eps * l2_normalize(grad, axes=axes))
 
 
-def row_perturbation(grad: jax.Array, eps: float) -> jax.Array:
-  """eps * h / ||h||_2 per row (each position's d-vector), Eq. 4.9."""
-  return jax.lax.stop_gradient(eps * l2_normalize(grad, axes=-1))
+def row_perturbation(grad: jax.Array, eps: float,
+                     scope: str = "row") -> jax.Array:
+  """eps * h / ||h||_2 (Eq. 4.9) per d-vector (scope 'row') or per batch."""
+  axes = -1 if scope == "row" else None
+  return jax.lax.stop_gradient(eps * l2_normalize(grad, axes=axes))
 
 
 def embedding_distance(encode: Callable, S, W, A, pert_w, weights):
@@ -106,13 +126,13 @@ def level1_distance(encode, S, W, pert_w, weights, rng, cfg: AdvConfig):
   so, as in virtual adversarial training (Miyato et al., 2018), the search
   starts from a random direction of size xi and takes the gradient there.
   """
-  r = cfg.xi * l2_normalize(jax.random.normal(rng, S.shape, S.dtype),
-                            axes=(-2, -1))
+  r = sequence_perturbation(jax.random.normal(rng, S.shape, S.dtype),
+                            cfg.xi, cfg.scope)
   W_const = jax.lax.stop_gradient(W)
   S_const = jax.lax.stop_gradient(S)
   g = jax.grad(lambda a: embedding_distance(
       encode, S_const, W_const, a, pert_w, weights))(r)
-  A = sequence_perturbation(g, cfg.eps)
+  A = sequence_perturbation(g, cfg.eps, cfg.scope)
   return embedding_distance(encode, S, W, A, pert_w, weights), A
 
 
@@ -123,7 +143,7 @@ def level1_bce(encode, S, pos, neg, pert_w, weights, cfg: AdvConfig):
                            weights)
   consts = [jax.lax.stop_gradient(x) for x in (S, pos, neg)]
   g = jax.grad(loss_at)(jnp.zeros_like(S), *consts)
-  A = sequence_perturbation(g, cfg.eps)
+  A = sequence_perturbation(g, cfg.eps, cfg.scope)
   return loss_at(A, S, pos, neg), A
 
 
@@ -135,7 +155,7 @@ def level2(W, pos, neg, weights, cfg: AdvConfig):
   consts = [jax.lax.stop_gradient(x) for x in (W, pos, neg)]
   grads = jax.grad(lambda w, p, n: losses.bce_loss(w, p, n, weights),
                    argnums=(0, 1, 2))(*consts)
-  dW, dp, dn = (row_perturbation(g, cfg.eps) for g in grads)
+  dW, dp, dn = (row_perturbation(g, cfg.eps, cfg.scope) for g in grads)
   return losses.bce_loss(W + dW, pos + dp, neg + dn, weights), (dW, dp, dn)
 
 

@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.adv.lambda2 = 1.0
   # Size of the random start of the level-1 search (see adversarial.py).
   c.adv.xi = 1e-3
+  # What one eps-sized perturbation covers: 'row' (each sequence at level 1,
+  # each embedding at level 2) or 'batch' (the whole batch tensor).
+  c.adv.scope = "row"
 
   c.eval = ml_collections.ConfigDict()
   # Users per evaluation batch (results do not depend on it).
@@ -90,6 +93,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.ks = (5, 10, 20)
   # Validation metric for model selection.
   c.eval.select = "ndcg@10"
+  return c
+
+
+# File name (under $CAT_DATA_DIR) and window T of the paper's data sets.
+PAPER_DATASETS = {"video": ("Video.txt", 50), "beauty": ("Beauty.txt", 50),
+                  "ml1m": ("ml-1m.txt", 200)}
+
+
+def paper_config(model: str, dataset: str,
+                 arg: str | None = None) -> ml_collections.ConfigDict:
+  """Paper settings for `model` on one of PAPER_DATASETS.
+
+  `arg` ('method=cas,eps=10,seed=0,path=...') comes from
+  `--config=configs/<model>_<dataset>.py:ARG`.
+  """
+  path, max_len = PAPER_DATASETS[dataset]
+  a = parse_arg(arg, method="cas", eps=10.0, seed=0, path=path)
+  c = base_config()
+  c.seed = a.seed
+  c.data.name = "file"
+  c.data.path = a.path
+  c.data.max_len = max_len
+  c.model.name = model
+  c.adv.method = a.method
+  c.adv.eps = a.eps
   return c
 
 

@@ -258,14 +258,18 @@ def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
 # ----------------------------------------------------------------------------
 
 
+def adv_config(config) -> adversarial.AdvConfig:
+  a = config.adv
+  return adversarial.method_config(a.method, a.eps, a.lambda1, a.lambda2,
+                                   a.xi, a.scope)
+
+
 def validate_config(config):
   """Fails fast, before any data is read, on values that cannot work."""
   if config.model.name not in models.MODELS:
     raise ValueError(f"Unknown model.name {config.model.name!r}; choose one "
                      f"of {models.MODELS}.")
-  adversarial.method_config(config.adv.method, config.adv.eps,
-                            config.adv.lambda1, config.adv.lambda2,
-                            config.adv.xi)
+  adv_config(config)
   for name in ("epochs", "batch_size", "eval_every", "log_every"):
     if config.train[name] < (0 if name == "epochs" else 1):
       raise ValueError(f"train.{name} must be positive, got "
@@ -283,10 +287,16 @@ def validate_config(config):
 
 
 def _pretrain_signature(config) -> dict:
-  """The config fields that define the phase-1 model (all but `adv`)."""
+  """The config fields that define the phase-1 model.
+
+  Leaves out what may change between a run and its resumption or reuse: the
+  number of epochs, logging and evaluation settings, and phase 2 (`adv`).
+  """
   d = config.to_dict()
-  d.pop("adv")
-  d["train"].pop("pretrain_dir")
+  for key in ("adv", "eval"):
+    d.pop(key)
+  for key in ("epochs", "eval_every", "log_every", "pretrain_dir"):
+    d["train"].pop(key)
   return json.loads(json.dumps(d, default=str))
 
 
@@ -373,9 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Phase 2: adversarial method from the phase-1 state.
   if config.adv.epochs > 0:
     method = config.adv.method
-    acfg = adversarial.method_config(method, config.adv.eps,
-                                     config.adv.lambda1, config.adv.lambda2,
-                                     config.adv.xi)
+    acfg = adv_config(config)
     t_c = time.time()
     pert = cascade.weights_for_method(data["train_inputs"],
                                       config.train.batch_size, method)

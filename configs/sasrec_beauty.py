@@ -9,13 +9,4 @@ from cat_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, method="cas", eps=10.0, seed=0, path="Beauty.txt")
-  c = config_lib.base_config()
-  c.seed = a.seed
-  c.data.name = "file"
-  c.data.path = a.path
-  c.data.max_len = 50
-  c.model.name = "sasrec"
-  c.adv.method = a.method
-  c.adv.eps = a.eps
-  return c
+  return config_lib.paper_config("sasrec", "beauty", arg)

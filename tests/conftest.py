@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny config that trains in seconds on a CPU."""
+
+import os
+
+# Fake devices for the sharding tests; must be set before JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest  # noqa: E402
+
+from cat_jax import config_lib  # noqa: E402
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                           "data")
+
+
+def tiny_config(**overrides):
+  c = config_lib.base_config()
+  c.data.name = "synthetic"
+  c.data.max_len = 12
+  s = c.data.synthetic
+  s.num_users, s.num_items, s.num_clusters, s.mean_length = 400, 120, 6, 12.0
+  c.model.hidden = 16
+  c.model.num_blocks = 1
+  c.train.epochs = 3
+  c.train.eval_every = 1
+  c.train.batch_size = 64
+  c.train.lr = 3e-3
+  c.adv.epochs = 0
+  c.eval.batch_size = 100
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+@pytest.fixture
+def make_config():
+  return tiny_config

@@ -1,0 +1,127 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cat_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_end_to_end_learns_and_beats_popularity(make_config, tmp_path):
+  config = make_config(**{"train.epochs": 12, "train.eval_every": 4})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  pop = results["popularity/valid"]["ndcg@10"]
+  pre = results["pretrain"]
+  # Selected on validation, tested once: clearly above popularity.
+  assert pre["valid/ndcg@10"] > 1.5 * pop
+  assert pre["test/ndcg@10"] > 1.5 * pop
+  lines = read_jsonl(tmp_path / "metrics.jsonl")
+  evals = [l for l in lines if "valid/ndcg@10" in l]
+  assert [l["epoch"] for l in evals] == [4, 8, 12]
+  assert evals[-1]["train/loss"] < evals[0]["train/loss"]
+  tests = [l for l in lines if l.get("split") == "test"]
+  assert len(tests) == 1 and tests[0]["epoch"] == pre["selected_epoch"]
+  on_disk = json.load(open(tmp_path / "results.json"))
+  assert on_disk["pretrain"]["test/ndcg@10"] == pre["test/ndcg@10"]
+  assert os.path.exists(tmp_path / "config.json")
+
+
+def test_deterministic_and_resumable(make_config, tmp_path):
+  config = make_config(**{"train.epochs": 4})
+  a = train.train_and_evaluate(config, str(tmp_path / "a"))
+  b = train.train_and_evaluate(config, str(tmp_path / "b"))
+  untimed = lambda r: {k: v for k, v in r["pretrain"].items()
+                       if k != "train_s"}
+  assert untimed(a) == untimed(b)  # bit-identical metrics
+  # Stop after 2 epochs, then resume the same workdir to 4.
+  train.train_and_evaluate(make_config(**{"train.epochs": 2}),
+                           str(tmp_path / "c"))
+  c = train.train_and_evaluate(config, str(tmp_path / "c"))
+  evals = lambda d: [(l["epoch"], l["valid/ndcg@10"], l["train/loss"])
+                     for l in read_jsonl(tmp_path / d / "metrics.jsonl")
+                     if "valid/ndcg@10" in l]
+  assert evals("c")[-2:] == evals("a")[-2:]
+  for key in ("test/ndcg@10", "test/hr@10", "selected_epoch"):
+    assert c["pretrain"][key] == a["pretrain"][key]
+
+
+def test_two_phases_share_the_pretrained_model(make_config, tmp_path):
+  base = {"train.epochs": 3, "adv.epochs": 2, "adv.eps": 0.5}
+  r1 = train.train_and_evaluate(make_config(**base, **{"adv.method": "cas"}),
+                                str(tmp_path))
+  mtime = os.path.getmtime(tmp_path / "pretrain" / "results.json")
+  r2 = train.train_and_evaluate(
+      make_config(**base, **{"adv.method": "linear"}), str(tmp_path))
+  # The second method reused phase 1 instead of training it again.
+  assert os.path.getmtime(tmp_path / "pretrain" / "results.json") == mtime
+  assert r1["pretrain"] == r2["pretrain"]
+  summary = json.load(open(tmp_path / "results.json"))
+  assert {"pretrain", "cas", "linear", "data"} <= set(summary)
+  # A different model cannot reuse that pretraining.
+  with pytest.raises(ValueError, match="pretrained with another"):
+    train.train_and_evaluate(
+        make_config(**base, **{"model.hidden": 8}), str(tmp_path))
+
+
+def test_nan_loss_stops_with_step_and_terms_named(make_config, tmp_path):
+  config = make_config(**{"train.epochs": 2, "train.lr": float("nan")})
+  with pytest.raises(FloatingPointError,
+                     match=r"phase 'pretrain' at step \d+ \(adv1=.*bce=nan"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("adv.method", "fgsm", "Unknown adv.method"),
+    ("adv.eps", -1.0, "adv.eps must be >= 0"),
+    ("model.name", "bert4rec", "Unknown model.name"),
+    ("train.batch_size", 0, "train.batch_size must be positive"),
+    ("eval.select", "ndcg@7", "eval.select"),
+])
+def test_bad_config_fails_before_training(make_config, tmp_path, key, value,
+                                          match):
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(make_config(**{key: value}), str(tmp_path))
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def run_cli(*args, env=None):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"),
+                         *args], capture_output=True, text=True, cwd=ROOT,
+                        env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_wrong_path_is_one_clear_line(tmp_path):
+  r = run_cli("--config=configs/sasrec_video.py:path=/nonexistent/Video.txt",
+              f"--workdir={tmp_path}")
+  assert r.returncode == 1
+  assert "error: Data file not found: '/nonexistent/Video.txt'" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
+def test_cli_unknown_config_argument(tmp_path):
+  r = run_cli("--config=configs/sasrec_video.py:methd=cas",
+              f"--workdir={tmp_path}")
+  assert r.returncode != 0
+  assert "Unknown config argument 'methd'" in r.stderr
+
+
+def test_cli_trains_the_default_config_shrunk(tmp_path):
+  r = run_cli(f"--workdir={tmp_path}", "--config.train.epochs=2",
+              "--config.train.eval_every=1", "--config.adv.epochs=1",
+              "--config.data.synthetic.num_users=300",
+              "--config.data.synthetic.num_items=100",
+              "--config.data.synthetic.num_clusters=5")
+  assert r.returncode == 0, r.stderr[-2000:]
+  results = json.load(open(tmp_path / "results.json"))
+  assert set(results) >= {"pretrain", "cas", "data"}
+  assert "steps/s" in r.stderr and "ETA" in r.stderr
