@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   # each embedding at level 2) or 'batch' (the whole batch tensor).
   c.adv.scope = "row"
 
+  c.parallel = ml_collections.ConfigDict()
+  # Devices to split each batch over (data parallel); 0 = all visible.
+  c.parallel.devices = 0
+
   c.eval = ml_collections.ConfigDict()
   # Users per evaluation batch (results do not depend on it).
   c.eval.batch_size = 256

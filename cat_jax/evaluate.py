@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cat_jax import metrics
+from cat_jax import metrics, sharding
 
 
 def history_mask(history: jax.Array, extra: jax.Array,
@@ -42,7 +42,8 @@ def model_scores(model) -> Callable:
   return scores
 
 
-def make_ranker(score_fn: Callable, num_items: int, batch_size: int):
+def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
+                mesh=None):
   """Jitted ranks(params, inputs, targets, users, extra, history) -> [E] int32.
 
   Args of the returned function:
@@ -51,7 +52,11 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int):
     users: [E] row of each user in `history`.
     extra: [E] one more item to exclude (the validation item when testing).
     history: [U, H] training histories (sorted, padded with N+1).
+
+  With a `mesh`, the users of each batch are split across its devices.
   """
+  sharding.check_divisible(batch_size, mesh, "eval.batch_size")
+
   @jax.jit
   def ranks(params, inputs, targets, users, extra, history):
     E = inputs.shape[0]
@@ -63,7 +68,7 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int):
       return x.reshape((nb, batch_size) + x.shape[1:])
 
     def one(xs):
-      x, t, u, e = xs
+      x, t, u, e = (sharding.shard_rows(a, mesh) for a in xs)
       exclude = history_mask(history[u], e, num_items)
       return metrics.target_rank(score_fn(params, x), t, exclude)
 

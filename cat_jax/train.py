@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from cat_jax import adversarial, cascade, data as data_lib, evaluate, models
-from cat_jax import sampling
+from cat_jax import sampling, sharding
 from cat_jax.writer import JsonlWriter, is_chief
 
 
@@ -63,15 +63,17 @@ def device_data(arrays: data_lib.Arrays) -> dict:
 
 
 def make_train_epoch(objective, optimizer, num_items: int, batch_size: int,
-                     num_train_users: int):
+                     num_train_users: int, mesh=None):
   """Jitted `epoch(state, data, pert, key) -> (state, terms)`.
 
   One epoch is a `lax.scan` over ceil(users / batch_size) steps with nothing
   crossing to the host: users are permuted on device, the last batch is
   filled with repeated users that get weight 0, and negatives are sampled on
   device. `pert` is the [U, T] level-1 weight table. `terms` holds each loss
-  term per step ([steps] arrays).
+  term per step ([steps] arrays). With a `mesh`, each batch is split across
+  its devices (data parallel) and everything else is replicated.
   """
+  sharding.check_divisible(batch_size, mesh, "train.batch_size")
   num_steps = -(-num_train_users // batch_size)
 
   def epoch(state, data, pert, key):
@@ -85,6 +87,7 @@ def make_train_epoch(objective, optimizer, num_items: int, batch_size: int,
 
     def step(state, xs):
       u, real_user, k = xs
+      u = sharding.shard_rows(u, mesh)
       neg_key, obj_key = jax.random.split(k)
       targets = data["train_targets"][u]
       batch = {
@@ -293,7 +296,7 @@ def _pretrain_signature(config) -> dict:
   number of epochs, logging and evaluation settings, and phase 2 (`adv`).
   """
   d = config.to_dict()
-  for key in ("adv", "eval"):
+  for key in ("adv", "eval", "parallel"):
     d.pop(key)
   for key in ("epochs", "eval_every", "log_every", "pretrain_dir"):
     d["train"].pop(key)
@@ -326,7 +329,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   arrays = data_lib.build_arrays(ds, config.data.max_len)
   stats = data_lib.describe(ds)
   logging.info("data: %s (%.1f s)", stats, time.time() - t0)
-  data = device_data(arrays)
+  mesh = sharding.make_mesh(config.parallel.devices)
+  data = sharding.replicate(device_data(arrays), mesh)
   N, T = arrays.num_items, arrays.max_len
   if is_chief():
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -336,9 +340,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   optimizer = make_optimizer(config.train)
   root = jax.random.PRNGKey(config.seed)
   init_key, pre_key, adv_key = jax.random.split(root, 3)
-  state = init_state(model, optimizer, init_key, T)
+  state = sharding.replicate(init_state(model, optimizer, init_key, T), mesh)
   ranker = evaluate.make_ranker(evaluate.model_scores(model), N,
-                                config.eval.batch_size)
+                                config.eval.batch_size, mesh)
   num_train_users = int(data["train_users"].shape[0])
   if num_train_users == 0:
     raise data_lib.DataError("No user has two training items to learn from.")
@@ -369,10 +373,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   base_cfg = adversarial.method_config("none")
   epoch_fn, steps = make_train_epoch(
       adversarial.make_objective(model, base_cfg), optimizer, N,
-      config.train.batch_size, num_train_users)
+      config.train.batch_size, num_train_users, mesh)
   uniform = (data["train_inputs"] > 0).astype(jnp.float32)
-  logging.info("%d train users, %d steps/epoch, %d items, T=%d", num_train_users,
-               steps, N, T)
+  logging.info("%d train users, %d steps/epoch, %d items, T=%d, %d devices",
+               num_train_users, steps, N, T, mesh.size)
   if config.train.epochs > 0:
     state, results["pretrain"] = run_phase(
         "pretrain", state, config.train.epochs, epoch_fn, uniform, data,
@@ -390,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info("level-1 weights for %s in %.2f s", method, time.time() - t_c)
     adv_fn, _ = make_train_epoch(adversarial.make_objective(model, acfg),
                                  optimizer, N, config.train.batch_size,
-                                 num_train_users)
+                                 num_train_users, mesh)
     state, results[method] = run_phase(
         method, state, config.adv.epochs, adv_fn, pert, data, ranker, config,
         workdir, writer, adv_key)

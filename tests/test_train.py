@@ -97,7 +97,8 @@ def test_bad_config_fails_before_training(make_config, tmp_path, key, value,
 def run_cli(*args, env=None):
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"),
                          *args], capture_output=True, text=True, cwd=ROOT,
-                        env={**os.environ, **(env or {})}, timeout=300)
+                        env={**os.environ, "XLA_FLAGS": "", **(env or {})},
+                        timeout=300)
 
 
 def test_cli_wrong_path_is_one_clear_line(tmp_path):
