@@ -1,0 +1,344 @@
+"""Item-replacement attacks on test-time inputs (Tan et al., Fig. 5 and 6).
+
+The attack changes real inputs, not embeddings: in a user's left-padded input
+window, the item at chosen positions is replaced by another real item, and the
+model is ranked again with the same full-ranking protocol as clean evaluation.
+
+Positions (Fig. 5: one item; Fig. 6: the last K items):
+  first     the first real (non-padding) item of the window,
+  middle    the real item at offset (L - 1) // 2 from the first one, L = the
+            number of real items (the lower middle when L is even),
+  last      the last K positions (K = 1 for the single-item attack).
+Positions beyond the real items (windows shorter than K) are left alone.
+
+Replacements (mode):
+  gradient  g = d/de [-log s(<W_T, E_target>)] at the replaced item's
+            embedding e (the target's BCE ranking loss); the new item is the
+            allowed j minimizing ||E_j - (e + alpha * g / ||g||)||. All K
+            positions use gradients at the clean input.
+  random    uniform over the allowed items (from an explicit PRNG key).
+An item is allowed unless it is padding, in the window (so not the original),
+the target, in the user's training history or the extra excluded item (the
+validation item at test time). The K replacements of one window are distinct:
+positions pick in turn, latest first, and each pick leaves the allowed set.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cat_jax import adversarial, evaluate
+
+POSITIONS = ("first", "middle", "last")
+MODES = ("gradient", "random")
+
+
+def attack_positions(inputs: jax.Array, where: str,
+                     k: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Window positions to replace, for left-padded windows.
+
+  Args:
+    inputs: [B, T] int, left-padded windows (0 = padding).
+    where: 'first', 'middle' or 'last' (see the module docstring).
+    k: number of positions; only 'last' takes k > 1.
+
+  Returns:
+    (positions [B, k] int32 in 0..T-1, valid [B, k] bool). A position is
+    valid where it holds a real item; invalid ones are never replaced.
+  """
+  T = inputs.shape[1]
+  if where not in POSITIONS:
+    raise ValueError(f"Unknown position {where!r}; choose one of {POSITIONS}.")
+  if not 1 <= k <= T:
+    raise ValueError(f"k must be in 1..{T} (the window length), got {k}.")
+  if k > 1 and where != "last":
+    raise ValueError(f"Only 'last' replaces several items, got {where!r}, "
+                     f"k={k}.")
+  length = jnp.sum(inputs > 0, axis=1, dtype=jnp.int32)
+  start = T - length  # left padding: the real items are [T - L, T)
+  if where == "first":
+    pos = start[:, None]
+  elif where == "middle":
+    pos = (start + jnp.maximum(length - 1, 0) // 2)[:, None]
+  else:
+    pos = jnp.broadcast_to(jnp.arange(T - k, T, dtype=jnp.int32),
+                           (inputs.shape[0], k))
+  pos = jnp.minimum(pos, T - 1)  # an empty window has start = T
+  return pos, (pos >= start[:, None]) & (length[:, None] > 0)
+
+
+def allowed_replacements(inputs: jax.Array, targets: jax.Array,
+                         history_rows: jax.Array, extra: jax.Array,
+                         num_items: int) -> jax.Array:
+  """[B, N+1] bool: the items that may replace an item of each window.
+
+  Args:
+    inputs: [B, T] windows (0 = padding); their items are not allowed.
+    targets: [B] target items; not allowed.
+    history_rows: [B, H] training histories (padded with N+1); not allowed.
+    extra: [B] one more item per row that is not allowed (0 for none).
+    num_items: N.
+  """
+  rows = jnp.arange(inputs.shape[0])
+  taken = evaluate.history_mask(history_rows, extra, num_items)
+  taken = taken.at[rows[:, None], inputs].set(True)
+  taken = taken.at[rows, targets].set(True)
+  return (~taken).at[:, 0].set(False)
+
+
+def target_gradient(model, params, inputs: jax.Array,
+                    targets: jax.Array) -> jax.Array:
+  """[B, T, d]: d/dS of each row's -log s(<W_T, E_target>), S = embed(inputs).
+
+  Rows do not interact in the encoder, so the gradient of the sum over rows
+  is each row's own gradient. The model runs in evaluation mode.
+  """
+  mask = inputs > 0
+  target_emb = model.items(params)[targets]
+
+  def loss(S):
+    W = model.encode(params, S, mask, train=False)[:, -1]
+    return jnp.sum(jax.nn.softplus(-jnp.sum(W * target_emb, axis=-1)))
+
+  return jax.grad(loss)(model.embed(params, inputs))
+
+
+def squared_distances(table: jax.Array, points: jax.Array) -> jax.Array:
+  """[..., N+1]: ||table_j - x||^2 - ||x||^2 for each point x [..., d].
+
+  One matrix product; ||x||^2 is constant per point and so left out, as only
+  the argmin over j is used. HIGHEST precision keeps TF32/bf16 matmuls on
+  accelerators from reordering close neighbours.
+  """
+  dots = jnp.einsum("...d,nd->...n", points, table,
+                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.sum(jnp.square(table), axis=-1) - 2.0 * dots
+
+
+def pick_distinct(cost: jax.Array, allowed: jax.Array,
+                  valid: jax.Array) -> jax.Array:
+  """Lowest-cost allowed item per position, distinct within a row.
+
+  Args:
+    cost: [B, K, N+1] float, cost of putting item j at position k.
+    allowed: [B, N+1] bool.
+    valid: [B, K] bool; invalid positions pick nothing.
+
+  Returns:
+    [B, K] int32 items, 0 where nothing is picked (invalid position, or no
+    allowed item left). Positions pick from the last (k = K-1) to the first,
+    so the most recent item, which moves the ranking most, chooses first.
+  """
+  rows = jnp.arange(cost.shape[0])
+  picks = [None] * cost.shape[1]
+  for k in reversed(range(cost.shape[1])):
+    j = jnp.argmin(jnp.where(allowed, cost[:, k], jnp.inf), axis=-1)
+    ok = valid[:, k] & allowed[rows, j]
+    picks[k] = jnp.where(ok, j, 0).astype(jnp.int32)
+    allowed = allowed.at[rows, j].set(allowed[rows, j] & ~ok)
+  return jnp.stack(picks, axis=1)
+
+
+def replace_items(inputs: jax.Array, positions: jax.Array,
+                  items: jax.Array) -> jax.Array:
+  """[B, T]: inputs with items [B, K] written at positions [B, K] (0 = keep)."""
+  rows = jnp.arange(inputs.shape[0])[:, None]
+  old = inputs[rows, positions]
+  return inputs.at[rows, positions].set(jnp.where(items > 0, items, old))
+
+
+def gradient_replacements(model, params, inputs: jax.Array,
+                          targets: jax.Array, positions: jax.Array,
+                          valid: jax.Array, allowed: jax.Array,
+                          alpha) -> jax.Array:
+  """[B, K] items nearest to e + alpha * g / ||g|| (0 = no replacement).
+
+  Args:
+    model, params: the attacked model.
+    inputs: [B, T] clean windows; targets: [B] items.
+    positions, valid: [B, K] from `attack_positions`.
+    allowed: [B, N+1] from `allowed_replacements`.
+    alpha: step size in embedding space (scalar).
+  """
+  rows = jnp.arange(inputs.shape[0])[:, None]
+  g = target_gradient(model, params, inputs, targets)[rows, positions]
+  table = model.items(params)
+  points = table[inputs[rows, positions]] + alpha * adversarial.l2_normalize(
+      g, axes=-1)
+  return pick_distinct(squared_distances(table, points), allowed, valid)
+
+
+def random_replacements(rng: jax.Array, valid: jax.Array,
+                        allowed: jax.Array) -> jax.Array:
+  """[B, K] items drawn uniformly from the allowed ones, distinct per row.
+
+  The argmin of i.i.d. uniform costs over the allowed items is uniform over
+  them, so this shares `pick_distinct` with the gradient attack.
+  """
+  B, K = valid.shape
+  cost = jax.random.uniform(rng, (B, K, allowed.shape[1]))
+  return pick_distinct(cost, allowed, valid)
+
+
+def attack_batch(model, params, inputs: jax.Array, targets: jax.Array,
+                 history_rows: jax.Array, extra: jax.Array,
+                 positions: jax.Array, valid: jax.Array, alpha, rng,
+                 num_items: int, mode: str = "gradient") -> jax.Array:
+  """[B, T] attacked windows of one batch (see the module docstring).
+
+  Args:
+    inputs: [B, T]; targets, extra: [B]; history_rows: [B, H].
+    positions, valid: [B, K] from `attack_positions`.
+    alpha: gradient step (mode 'gradient'); rng: key (mode 'random').
+  """
+  allowed = allowed_replacements(inputs, targets, history_rows, extra,
+                                 num_items)
+  if mode == "gradient":
+    items = gradient_replacements(model, params, inputs, targets, positions,
+                                  valid, allowed, alpha)
+  elif mode == "random":
+    items = random_replacements(rng, valid, allowed)
+  else:
+    raise ValueError(f"Unknown attack mode {mode!r}; choose one of {MODES}.")
+  return replace_items(inputs, positions, items)
+
+
+def make_attack(model, num_items: int, batch_size: int,
+                mode: str = "gradient"):
+  """Jitted `attack(params, ...) -> [E, T]`: the attacked windows of E users.
+
+  Args of the returned function, in order:
+    params, inputs [E, T], targets [E], users [E], extra [E], history [U, H]:
+      as for `evaluate.make_ranker`.
+    positions, valid: [E, K] from `attack_positions`.
+    alpha: gradient step (scalar; mode 'gradient').
+    rng: PRNG key (mode 'random'); batch i uses fold_in(rng, i).
+  Users go `batch_size` at a time through a `lax.map`, with one matrix
+  product over the catalog per batch. It compiles once per K.
+  """
+  if mode not in MODES:
+    raise ValueError(f"Unknown attack mode {mode!r}; choose one of {MODES}.")
+
+  @jax.jit
+  def attack(params, inputs, targets, users, extra, history, positions,
+             valid, alpha, rng):
+    E = inputs.shape[0]
+    nb = -(-E // batch_size)
+    pad = nb * batch_size - E
+
+    def batched(x):
+      # Padding rows have no valid position, so they are never changed.
+      x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+      return x.reshape((nb, batch_size) + x.shape[1:])
+
+    def one(xs):
+      x, t, u, e, p, v, b = xs
+      return attack_batch(model, params, x, t, history[u], e, p, v, alpha,
+                          jax.random.fold_in(rng, b), num_items, mode)
+
+    xs = tuple(batched(a) for a in (inputs, targets, users, extra, positions,
+                                    valid)) + (jnp.arange(nb),)
+    out = jax.lax.map(one, xs)
+    return out.reshape((nb * batch_size,) + inputs.shape[1:])[:E]
+
+  return attack
+
+
+@functools.partial(jax.jit, static_argnames="block_size")
+def median_nn_distance(table: jax.Array, block_size: int = 1024) -> jax.Array:
+  """Median over items 1..N of the L2 distance to their nearest other item.
+
+  Args:
+    table: [N+1, d] item embeddings, row 0 = padding (ignored).
+    block_size: rows per distance block, so memory is block_size * N.
+
+  Returns:
+    scalar float32 (the default attack step alpha).
+  """
+  items = table[1:]
+  n = items.shape[0]
+  nb = -(-n // block_size)
+  # The last block is filled with repeats of item n-1, cut off below.
+  rows = jnp.minimum(jnp.arange(nb * block_size), n - 1).reshape(
+      nb, block_size)
+  sq = jnp.sum(jnp.square(items), axis=-1)
+
+  def one(r):
+    d2 = sq[r][:, None] + squared_distances(items, items[r])
+    d2 = jnp.where(r[:, None] == jnp.arange(n)[None, :], jnp.inf, d2)
+    return jnp.sqrt(jnp.maximum(jnp.min(d2, axis=-1), 0.0))
+
+  return jnp.median(jax.lax.map(one, rows).reshape(-1)[:n])
+
+
+def relative_drop(clean: float, attacked: float) -> float:
+  """(clean - attacked) / clean; NaN when the clean metric is 0."""
+  return (clean - attacked) / clean if clean > 0 else float("nan")
+
+
+def evaluate_robustness(model, params, data: dict, num_items: int, *,
+                        positions: Sequence[str] = POSITIONS,
+                        last_k: Sequence[int] = (1, 2, 3, 4, 5),
+                        mode: str = "gradient", alpha=None,
+                        batch_size: int = 256, ks: Sequence[int] = (10,),
+                        rng=None, split: str = "test") -> dict:
+  """Clean and attacked full-ranking metrics, and their relative drops.
+
+  Args:
+    model, params: the attacked model.
+    data: device data (`train.device_data`).
+    num_items: N.
+    positions: single-item attacks to run (Fig. 5).
+    last_k: K values of the last-K attack (Fig. 6).
+    mode: 'gradient' or 'random'.
+    alpha: gradient step; None = `median_nn_distance` of the item table.
+    batch_size: users per batch (attack and ranking).
+    ks: metric cut-offs.
+    rng: PRNG key; required for mode 'random', unused otherwise.
+    split: 'test' (the validation item is history) or 'valid'.
+
+  Returns:
+    {"mode", "alpha", "split", "clean": evaluate.summarize dict,
+     "attacks": {name: summarize dict + "<metric>_drop" for ndcg@K, hr@K and
+     mrr, + "replaced" (mean items replaced per user)}}, with names
+     'first', 'middle', 'last' and 'last_<K>'. The exclusions are those of
+    clean evaluation; the replacement items are not added to them.
+  """
+  if mode not in MODES:
+    raise ValueError(f"Unknown attack mode {mode!r}; choose one of {MODES}.")
+  if mode == "random" and rng is None:
+    raise ValueError("mode='random' needs an explicit rng key.")
+  rng = jax.random.PRNGKey(0) if rng is None else rng  # unused by 'gradient'
+  inputs, targets, users, extra = evaluate.split_inputs(data, split)
+  history = data["history"]
+  ranker = evaluate.make_ranker(evaluate.model_scores(model), num_items,
+                                batch_size)
+
+  def summary(windows):
+    r = ranker(params, windows, targets, users, extra, history)
+    return evaluate.summarize(np.asarray(r), ks)
+
+  clean = summary(inputs)
+  if alpha is None:
+    alpha = median_nn_distance(model.items(params))
+  alpha = jnp.asarray(alpha, jnp.float32)
+  attack = make_attack(model, num_items, batch_size, mode)
+  runs = [(w, w, 1) for w in positions] + [(f"last_{k}", "last", k)
+                                          for k in last_k]
+  metrics = [m for m in clean if m != "users"]
+  out = {}
+  for i, (name, where, k) in enumerate(runs):
+    pos, valid = attack_positions(inputs, where, k)
+    attacked = attack(params, inputs, targets, users, extra, history, pos,
+                      valid, alpha, jax.random.fold_in(rng, i))
+    s = summary(attacked)
+    s.update({f"{m}_drop": relative_drop(clean[m], s[m]) for m in metrics})
+    s["replaced"] = float(np.mean(np.sum(np.asarray(attacked != inputs), 1)))
+    out[name] = s
+  return {"mode": mode, "alpha": float(alpha), "split": split,
+          "clean": clean, "attacks": out}

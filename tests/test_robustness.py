@@ -1,0 +1,293 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cat_jax import adversarial, data as data_lib, evaluate, models, train
+from cat_jax import robustness
+
+N, T, D, H = 25, 6, 8, 5
+
+
+def tiny_model(name="sasrec"):
+  cfg = ml_collections.ConfigDict(dict(name=name, hidden=D, num_blocks=1,
+                                       num_heads=1, dropout=0.2))
+  model = models.build_model(cfg, N, T)
+  init = jax.jit(model.init)  # faster than Flax's eager init
+  return model, init(jax.random.PRNGKey(0), jnp.ones((1, T), jnp.int32))
+
+
+def toy_users(B=7, seed=0):
+  """Left-padded windows, targets, histories (sorted, sentinel N+1), extra.
+
+  Numpy arrays: Python loops over them stay fast.
+  """
+  rng = np.random.default_rng(seed)
+  inputs = np.zeros((B, T), np.int32)
+  history = np.full((B, H), N + 1, np.int32)
+  targets, extra = np.zeros(B, np.int32), np.zeros(B, np.int32)
+  for b in range(B):
+    length = [T, 1, 2][b] if b < 3 else rng.integers(1, T + 1)
+    items = rng.choice(np.arange(1, N + 1), length + H + 2, replace=False)
+    inputs[b, T - length:] = items[:length]
+    nh = rng.integers(0, H + 1)
+    history[b, :nh] = np.sort(items[length:length + nh])
+    targets[b], extra[b] = items[-1], items[-2] if b % 2 else 0
+  return inputs, targets, history, extra
+
+
+def forbidden_set(inputs, target, history, extra):
+  """The items an attack must never write, as a Python set."""
+  return ({0, int(target), int(extra)} | {int(i) for i in inputs}
+          | {int(h) for h in history if h <= N})
+
+
+def greedy_nearest(table, points, valid, forbidden):
+  """Brute force of one row: positions pick latest first, distinct items."""
+  picks, taken = [0] * len(points), set(forbidden)
+  for k in reversed(range(len(points))):
+    if not valid[k]:
+      continue
+    dist = {j: np.sum((table[j] - points[k]) ** 2)
+            for j in range(1, N + 1) if j not in taken}
+    picks[k] = min(dist, key=dist.get)
+    taken.add(picks[k])
+  return picks
+
+
+def reference_positions(window, where, k):
+  real = [t for t in range(T) if window[t] > 0]
+  if where == "first":
+    return real[:1]
+  if where == "middle":
+    return real[(len(real) - 1) // 2:][:1]
+  return [t for t in range(T - k, T) if t in real]
+
+
+def test_positions_resolve_for_left_padded_windows():
+  windows = jnp.array([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6],
+                       [0, 0, 0, 0, 0, 9], [0, 0, 0, 0, 3, 4],
+                       [0, 0, 0, 0, 0, 0]])
+  pos = lambda w, k=1: tuple(np.asarray(a) for a in
+                             robustness.attack_positions(windows, w, k))
+  p, v = pos("first")
+  np.testing.assert_array_equal(p[:4, 0], [2, 0, 5, 4])
+  p, v = pos("middle")  # lower middle of an even number of items
+  np.testing.assert_array_equal(p[:4, 0], [3, 2, 5, 4])
+  p, v = pos("last")
+  np.testing.assert_array_equal(p[:, 0], 5)
+  np.testing.assert_array_equal(v[:, 0], [True] * 4 + [False])
+  p, v = pos("last", 3)
+  np.testing.assert_array_equal(p, np.broadcast_to([3, 4, 5], (5, 3)))
+  np.testing.assert_array_equal(v, [[1, 1, 1], [1, 1, 1], [0, 0, 1],
+                                    [0, 1, 1], [0, 0, 0]])
+  # Random windows against the list-based definition.
+  inputs = toy_users(B=40, seed=3)[0]
+  for where, k in [("first", 1), ("middle", 1), ("last", 1), ("last", 4)]:
+    p, v = (np.asarray(a) for a in robustness.attack_positions(inputs, where,
+                                                                k))
+    for b in range(len(inputs)):
+      assert sorted(p[b][v[b]]) == reference_positions(inputs[b], where, k)
+  with pytest.raises(ValueError, match="Unknown position"):
+    robustness.attack_positions(windows, "end")
+  with pytest.raises(ValueError, match="Only 'last'"):
+    robustness.attack_positions(windows, "first", 2)
+
+
+def test_allowed_replacements_match_a_python_set():
+  inputs, targets, history, extra = toy_users(B=12, seed=1)
+  allowed = np.asarray(robustness.allowed_replacements(
+      inputs, targets, history, extra, N))
+  for b in range(len(inputs)):
+    forbidden = forbidden_set(inputs[b], targets[b], history[b], extra[b])
+    assert set(np.flatnonzero(allowed[b])) == set(range(N + 1)) - forbidden
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_attack(mode, batch_size):
+  """Cached so that each (mode, K) compiles once for the whole file."""
+  model, params = tiny_model()
+  return model, params, robustness.make_attack(model, N, batch_size, mode)
+
+
+@functools.lru_cache(maxsize=None)
+def row_gradient_fn(model):
+  """Per-row gradients, one row at a time (not the batch-sum shortcut)."""
+  def loss(params, s, ids, t):
+    W = model.encode(params, s[None], ids[None] > 0)[0, -1]
+    return jax.nn.softplus(-W @ model.items(params)[t])
+
+  @jax.jit
+  def grads(params, inputs, targets):
+    S = model.embed(params, inputs)
+    return jax.vmap(jax.grad(loss, argnums=1), (None, 0, 0, 0))(
+        params, S, inputs, targets)
+  return grads
+
+
+@pytest.mark.parametrize("where,k,alpha", [
+    ("first", 1, 0.3), ("middle", 1, 0.3), ("last", 1, 0.3),
+    ("last", 3, 0.3), ("last", 3, 1e-6)])
+def test_gradient_attack_is_the_nearest_allowed_item(where, k, alpha):
+  # Batch size 3 does not divide the 7 users: the padding rows are exercised.
+  model, params, attack = jitted_attack("gradient", 3)
+  inputs, targets, history, extra = toy_users()
+  users = jnp.arange(len(inputs))
+  pos, valid = robustness.attack_positions(inputs, where, k)
+  out = np.asarray(attack(params, inputs, targets, users, extra, history,
+                          pos, valid, alpha, jax.random.PRNGKey(0)))
+  table = np.asarray(model.items(params), np.float64)
+  grads = np.asarray(row_gradient_fn(model)(params, inputs, targets))
+  x, pos, valid = (np.asarray(a) for a in (inputs, pos, valid))
+  for b in range(len(x)):
+    g = grads[b, pos[b]]
+    # Padding positions have g = 0; they are invalid and never replaced.
+    norm = np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-30)
+    step = g / norm
+    points = table[x[b, pos[b]]] + alpha * step
+    forbidden = forbidden_set(x[b], targets[b], history[b], extra[b])
+    picks = greedy_nearest(table, points, valid[b], forbidden)
+    expected = x[b].copy()
+    for p, v, j in zip(pos[b], valid[b], picks):
+      if v:
+        expected[p] = j
+    np.testing.assert_array_equal(out[b], expected, err_msg=f"row {b}")
+    changed = np.flatnonzero(out[b] != x[b])
+    assert len(changed) == valid[b].sum()
+    assert not set(out[b, changed].tolist()) & forbidden
+
+
+def test_tiny_alpha_picks_the_originals_nearest_allowed_neighbour():
+  model, params, attack = jitted_attack("gradient", 3)
+  inputs, targets, history, extra = toy_users(seed=5)
+  table = np.asarray(model.items(params), np.float64)
+  for where in robustness.POSITIONS:
+    pos, valid = robustness.attack_positions(inputs, where)
+    out = np.asarray(attack(params, inputs, targets, jnp.arange(len(inputs)),
+                            extra, history, pos, valid, 1e-6,
+                            jax.random.PRNGKey(0)))
+    for b, p in enumerate(np.asarray(pos)[:, 0]):
+      original = int(inputs[b, p])
+      forbidden = forbidden_set(inputs[b], targets[b], history[b], extra[b])
+      dist = {j: np.linalg.norm(table[j] - table[original])
+              for j in range(1, N + 1) if j not in forbidden}
+      assert out[b, p] == min(dist, key=dist.get)
+
+
+def test_pick_distinct_leaves_a_position_alone_when_nothing_is_left():
+  cost = jnp.array([[[0.0, 3.0, 1.0, 2.0]] * 3])  # [1, K=3, N+1=4]
+  allowed = jnp.array([[False, True, True, False]])
+  picks = robustness.pick_distinct(cost, allowed, jnp.ones((1, 3), bool))
+  # The last position picks first (item 2), then item 1, then nothing.
+  np.testing.assert_array_equal(np.asarray(picks), [[0, 1, 2]])
+  picks = robustness.pick_distinct(cost, allowed,
+                                   jnp.array([[True, True, False]]))
+  np.testing.assert_array_equal(np.asarray(picks), [[1, 2, 0]])
+
+
+def test_random_baseline_respects_exclusions_and_is_uniform():
+  _, params, attack = jitted_attack("random", 3)
+  inputs, targets, history, extra = toy_users(seed=2)
+  users = jnp.arange(len(inputs))
+  pos, valid = robustness.attack_positions(inputs, "last", 3)
+  draws = 300
+  outs = np.stack([np.asarray(attack(
+      params, inputs, targets, users, extra, history, pos, valid, 0.0,
+      jax.random.PRNGKey(i))) for i in range(draws)])
+  attacked = np.zeros((len(inputs), T), bool)
+  attacked[:, T - 3:] = np.asarray(valid)
+  for b in range(len(inputs)):
+    forbidden = forbidden_set(inputs[b], targets[b], history[b], extra[b])
+    allowed = set(range(N + 1)) - forbidden
+    new = outs[:, b, attacked[b]]
+    assert set(new.ravel().tolist()) <= allowed
+    assert (outs[:, b, ~attacked[b]] == inputs[b, ~attacked[b]]).all()
+    for row in new:  # distinct within a window
+      assert len(set(row.tolist())) == len(row)
+    if attacked[b].any():
+      # The last position draws first, from the whole allowed set.
+      counts = np.bincount(new[:, -1], minlength=N + 1)[sorted(allowed)]
+      expected = draws / len(allowed)
+      assert counts.min() > 0.3 * expected and counts.max() < 2 * expected
+  # Same key, same attack; another key, another one.
+  again = np.asarray(attack(params, inputs, targets, users, extra, history,
+                            pos, valid, 0.0, jax.random.PRNGKey(0)))
+  np.testing.assert_array_equal(again, outs[0])
+  assert not np.array_equal(outs[0], outs[1])
+
+
+def test_median_nn_distance_matches_brute_force():
+  table = jax.random.normal(jax.random.PRNGKey(3), (N + 1, D))
+  E = np.asarray(table, np.float64)[1:]
+  d = np.linalg.norm(E[:, None] - E[None], axis=-1)
+  np.fill_diagonal(d, np.inf)
+  got = robustness.median_nn_distance(table, block_size=7)  # 25 = 3*7 + 4
+  np.testing.assert_allclose(float(got), np.median(d.min(axis=1)), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A small SASRec trained on the synthetic data, clearly above popularity."""
+  from conftest import tiny_config
+  config = tiny_config()
+  ds = data_lib.load_from_config(config.data)
+  arrays = data_lib.build_arrays(ds, config.data.max_len)
+  data = train.device_data(arrays)
+  N_, T_ = arrays.num_items, arrays.max_len
+  model = models.build_model(config.model, N_, T_)
+  opt = train.make_optimizer(config.train)
+  # train.init_state, with the (slow, eager) Flax init jitted.
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed),
+                               jnp.ones((1, T_), jnp.int32))
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=opt.init(params))
+  objective = adversarial.make_objective(model,
+                                         adversarial.method_config("none"))
+  epoch_fn, _ = train.make_train_epoch(objective, opt, N_,
+                                       config.train.batch_size,
+                                       int(data["train_users"].shape[0]))
+  uniform = (data["train_inputs"] > 0).astype(jnp.float32)
+  epochs = 20  # epochs are ~30 ms here; compiling the epoch is the cost
+  for e in range(epochs):
+    state, _ = epoch_fn(state, data, uniform, jax.random.PRNGKey(e))
+  return model, state.params, data, N_
+
+
+def test_replacing_the_last_item_hurts_more_than_the_first(trained):
+  model, params, data, num_items = trained
+  pop = evaluate.evaluate_popularity(data, num_items, 100, (10,), "test")
+  r = robustness.evaluate_robustness(
+      model, params, data, num_items, positions=("first", "last"),
+      last_k=(), batch_size=100)
+  clean, attacks = r["clean"], r["attacks"]
+  assert clean["ndcg@10"] > 1.5 * pop["ndcg@10"]  # the model has learned
+  assert r["alpha"] > 0 and set(attacks) == {"first", "last"}
+  for name in attacks:
+    # Every test window has real items: exactly one is replaced.
+    assert attacks[name]["replaced"] == 1
+    drop = (clean["ndcg@10"] - attacks[name]["ndcg@10"]) / clean["ndcg@10"]
+    assert attacks[name]["ndcg@10_drop"] == pytest.approx(drop)
+  # The paper's motivation (Fig. 5): the latest item matters most.
+  first, last = attacks["first"]["ndcg@10_drop"], attacks["last"][
+      "ndcg@10_drop"]
+  assert last > first + 0.3, (first, last)
+  assert attacks["last"]["hr@10_drop"] > attacks["first"]["hr@10_drop"]
+
+
+def test_random_replacement_of_the_last_item_also_hurts_more(trained):
+  model, params, data, num_items = trained
+  with pytest.raises(ValueError, match="explicit rng"):
+    robustness.evaluate_robustness(model, params, data, num_items,
+                                   mode="random")
+  r = robustness.evaluate_robustness(
+      model, params, data, num_items, positions=("first", "last"),
+      last_k=(3,), mode="random", batch_size=100, rng=jax.random.PRNGKey(0))
+  attacks = r["attacks"]
+  assert set(attacks) == {"first", "last", "last_3"}
+  # Synthetic users have >= 5 items, so test windows have >= 4 real ones.
+  assert attacks["last_3"]["replaced"] == 3
+  assert attacks["last"]["ndcg@10_drop"] > (
+      attacks["first"]["ndcg@10_drop"] + 0.3)
