@@ -1,0 +1,1 @@
+"""Runners for the paper's experiments; each is `python -m cat_jax.experiments.<name>`."""
