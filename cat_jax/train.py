@@ -317,6 +317,29 @@ def _update_json(path: str, key: str, value: dict):
   os.replace(tmp, path)
 
 
+def load_selected(config, workdir: str, phase: str):
+  """(model, params, data, num_items) of a phase's selected checkpoint.
+
+  For analyses after training (robustness, figures): rebuilds the data and
+  model from `config` and restores `<workdir>/<phase>/best`.
+  """
+  best_path = os.path.join(workdir, phase, "best.json")
+  if not os.path.exists(best_path):
+    raise FileNotFoundError(
+        f"{best_path} not found: train phase {phase!r} in {workdir} first.")
+  with open(best_path) as f:
+    epoch = json.load(f)["epoch"]
+  arrays = data_lib.build_arrays(data_lib.load_from_config(config.data),
+                                 config.data.max_len)
+  model = models.build_model(config.model, arrays.num_items, arrays.max_len)
+  template = init_state(model, make_optimizer(config.train),
+                        jax.random.PRNGKey(0), arrays.max_len)
+  manager = _manager(os.path.join(workdir, phase, "best"))
+  state = restore(manager, template, step=epoch)
+  manager.close()
+  return model, state.params, device_data(arrays), arrays.num_items
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict:
   """Runs phase 1 and (if adv.epochs > 0) phase 2; returns results.json."""

@@ -39,3 +39,21 @@ def test_table2_runner_end_to_end(make_config, tmp_path):
   for seed in (0, 1):
     assert (tmp_path / f"seed{seed}" / "pretrain" / "results.json").exists()
     assert (tmp_path / f"seed{seed}" / "cas" / "results.json").exists()
+
+
+def test_robustness_runner_on_a_trained_workdir(make_config, tmp_path):
+  from cat_jax import train
+  from cat_jax.experiments import robustness as runner
+  config = make_config(**{"train.epochs": 4, "train.eval_every": 4})
+  trained = train.train_and_evaluate(config, str(tmp_path))
+  out = runner.run(config, str(tmp_path), ["pretrain"], "random", seed=0)
+  r = out["pretrain"]
+  # The restored checkpoint is the selected one: clean test metrics agree.
+  assert r["clean"]["ndcg@10"] == pytest.approx(
+      trained["pretrain"]["test/ndcg@10"], rel=1e-6)
+  assert set(r["attacks"]) == {"first", "middle", "last", "last_1", "last_2",
+                               "last_3", "last_4", "last_5"}
+  assert r["attacks"]["last_5"]["replaced"] > r["attacks"]["last_1"][
+      "replaced"]
+  with pytest.raises(FileNotFoundError, match="train phase 'cas'"):
+    runner.run(config, str(tmp_path), ["cas"], "random")

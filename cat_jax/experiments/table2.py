@@ -22,13 +22,6 @@ from ml_collections import config_flags
 from cat_jax import stats, train
 from cat_jax.writer import is_chief
 
-config_flags.DEFINE_config_file("config", None, "Config file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
-flags.DEFINE_string("methods", "none,linear,seq,global,cas",
-                    "Comma-separated adv.method values.")
-
 METRICS = ("test/ndcg@10", "test/hr@10")
 
 
@@ -94,5 +87,17 @@ def main(argv):
   print(md)
 
 
+def define_flags():
+  """Flags of the command line (not defined on import, so that the
+  experiment modules can be imported together)."""
+  config_flags.DEFINE_config_file("config", None, "Config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+  flags.DEFINE_string("methods", "none,linear,seq,global,cas",
+                      "Comma-separated adv.method values.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
