@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -455,8 +455,3 @@ def load_from_config(cfg) -> Dataset:
     raise DataError(
         f"Unknown data.name {cfg.name!r}; use 'synthetic' or 'file'.")
   return load_dataset(resolve_path(cfg.path), cfg.format, cfg.kcore)
-
-
-def iter_batches(n: int, batch_size: int) -> Iterable[slice]:
-  for start in range(0, n, batch_size):
-    yield slice(start, min(n, start + batch_size))

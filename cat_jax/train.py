@@ -158,6 +158,53 @@ def _check_finite(terms: dict, step0: int, phase: str):
         "adv.eps and restart.")
 
 
+def _train_epochs(phase, state, start, epochs, epoch_fn, pert, data, validate,
+                  config, writer, root_key, latest, best, best_path,
+                  best_info):
+  """The epoch loop of `run_phase`; returns (state, best_info)."""
+  select = config.eval.select
+  t_phase = time.time()
+  for epoch in range(start + 1, epochs + 1):
+    t0 = time.time()
+    step0 = int(state.step)
+    state, terms = epoch_fn(state, data, pert,
+                            jax.random.fold_in(root_key, epoch))
+    terms = jax.device_get(terms)  # the one host sync of the epoch
+    _check_finite(terms, step0, phase)
+    dt = time.time() - t0
+    n_steps = len(terms["loss"])
+    means = {k: float(np.mean(v)) for k, v in terms.items()}
+    if epoch % config.train.log_every == 0 or epoch == epochs:
+      elapsed = time.time() - t_phase
+      eta = elapsed / (epoch - start) * (epochs - epoch)
+      logging.info(
+          "[%s] epoch %d/%d loss %.4f (bce %.4f adv1 %.4f adv2 %.4f) "
+          "%.1f steps/s, %.2f s/epoch, ETA %.0f s", phase, epoch, epochs,
+          means["loss"], means["bce"], means["adv1"], means["adv2"],
+          n_steps / dt, dt, eta)
+    if epoch % config.train.eval_every == 0 or epoch == epochs:
+      t_eval = time.time()
+      val = validate(state.params)
+      eval_s = time.time() - t_eval
+      improved = val[select] > best_info[select]
+      latest.save(epoch, args=ocp.args.StandardSave(state))
+      if improved:
+        best.save(epoch, args=ocp.args.StandardSave(state), force=True)
+        best.wait_until_finished()
+        best_info = {"epoch": epoch, select: val[select]}
+        if is_chief():
+          with open(best_path, "w") as f:
+            json.dump(best_info, f)
+      writer.write({"phase": phase, "epoch": epoch, "step": int(state.step),
+                    **{f"train/{k}": v for k, v in means.items()},
+                    **{f"valid/{k}": v for k, v in val.items()},
+                    "steps_per_s": n_steps / dt, "epoch_s": dt,
+                    "eval_s": eval_s})
+      logging.info("[%s] epoch %d valid %s", phase, epoch,
+                   " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+  return state, best_info
+
+
 def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
               data: dict, ranker, config, workdir: str, writer: JsonlWriter,
               root_key) -> tuple[TrainState, dict]:
@@ -182,56 +229,26 @@ def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
     logging.info("[%s] resumed from epoch %d (best %s %.4f at epoch %d)",
                  phase, start, select, best_info[select], best_info["epoch"])
   if start >= epochs and os.path.exists(results_path):
+    latest.close()
+    best.close()
     with open(results_path) as f:
       return state, json.load(f)
 
-  def validate():
-    r = ranker(state.params, *evaluate.split_inputs(data, "valid"),
+  def validate(params):
+    r = ranker(params, *evaluate.split_inputs(data, "valid"),
                data["history"])
     return evaluate.summarize(np.asarray(r), config.eval.ks)
 
   t_phase = time.time()
-  steps_done = 0
-  for epoch in range(start + 1, epochs + 1):
-    t0 = time.time()
-    step0 = int(state.step)
-    state, terms = epoch_fn(state, data, pert,
-                            jax.random.fold_in(root_key, epoch))
-    terms = jax.device_get(terms)  # the one host sync of the epoch
-    _check_finite(terms, step0, phase)
-    dt = time.time() - t0
-    n_steps = len(terms["loss"])
-    steps_done += n_steps
-    means = {k: float(np.mean(v)) for k, v in terms.items()}
-    if epoch % config.train.log_every == 0 or epoch == epochs:
-      elapsed = time.time() - t_phase
-      eta = elapsed / (epoch - start) * (epochs - epoch)
-      logging.info(
-          "[%s] epoch %d/%d loss %.4f (bce %.4f adv1 %.4f adv2 %.4f) "
-          "%.1f steps/s, %.2f s/epoch, ETA %.0f s", phase, epoch, epochs,
-          means["loss"], means["bce"], means["adv1"], means["adv2"],
-          n_steps / dt, dt, eta)
-    if epoch % config.train.eval_every == 0 or epoch == epochs:
-      t_eval = time.time()
-      val = validate()
-      eval_s = time.time() - t_eval
-      improved = val[select] > best_info[select]
-      latest.save(epoch, args=ocp.args.StandardSave(state))
-      if improved:
-        best.save(epoch, args=ocp.args.StandardSave(state), force=True)
-        best.wait_until_finished()
-        best_info = {"epoch": epoch, select: val[select]}
-        if is_chief():
-          with open(best_path, "w") as f:
-            json.dump(best_info, f)
-      writer.write({"phase": phase, "epoch": epoch, "step": int(state.step),
-                    **{f"train/{k}": v for k, v in means.items()},
-                    **{f"valid/{k}": v for k, v in val.items()},
-                    "steps_per_s": n_steps / dt, "epoch_s": dt,
-                    "eval_s": eval_s})
-      logging.info("[%s] epoch %d valid %s", phase, epoch,
-                   " ".join(f"{k}={v:.4f}" for k, v in val.items()))
-  latest.wait_until_finished()
+  try:
+    state, best_info = _train_epochs(
+        phase, state, start, epochs, epoch_fn, pert, data, validate, config,
+        writer, root_key, latest, best, best_path, best_info)
+  finally:
+    # Saves are asynchronous: finish them even when training stops early
+    # (a NaN, Ctrl-C), so that the last good checkpoint is complete on disk.
+    latest.wait_until_finished()
+    best.wait_until_finished()
 
   # The test split is read here, once, for the selected checkpoint.
   if best_info["epoch"] < 0:
@@ -424,5 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     _update_json(os.path.join(workdir, "results.json"), method,
                  results[method])
   _update_json(os.path.join(workdir, "results.json"), "data", stats)
+  _update_json(os.path.join(workdir, "results.json"), "popularity/valid",
+               results["popularity/valid"])
   writer.close()
   return results
