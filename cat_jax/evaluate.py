@@ -42,7 +42,7 @@ def model_scores(model) -> Callable:
 
 
 def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
-                mesh=None):
+                mesh=None, runs: bool = False):
   """Jitted ranks(params, inputs, targets, users, extra, history) -> [E] int32.
 
   Args of the returned function:
@@ -52,11 +52,11 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
     extra: [E] one more item to exclude (the validation item when testing).
     history: [U, H] training histories (sorted, padded with N+1).
 
-  With a `mesh`, the users of each batch are split across its devices.
+  With a `mesh`, the users of each batch are split across its devices. With
+  `runs=True`, params carry a leading run axis and ranks are [R, E].
   """
   sharding.check_divisible(batch_size, mesh, "eval.batch_size")
 
-  @jax.jit
   def ranks(params, inputs, targets, users, extra, history):
     E = inputs.shape[0]
     nb = -(-E // batch_size)
@@ -74,7 +74,10 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
     r = jax.lax.map(one, tuple(batched(a) for a in
                                (inputs, targets, users, extra)))
     return r.reshape(-1)[:E]
-  return ranks
+
+  if runs:
+    return jax.jit(jax.vmap(ranks, in_axes=(0,) + (None,) * 5))
+  return jax.jit(ranks)
 
 
 def summarize(ranks: np.ndarray, ks: Sequence[int]) -> dict:

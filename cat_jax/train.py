@@ -52,6 +52,11 @@ def init_state(model, optimizer, rng, max_len: int) -> TrainState:
                     opt_state=optimizer.init(params))
 
 
+def init_states(model, optimizer, keys, max_len: int) -> TrainState:
+  """Independent TrainStates stacked over a leading run axis, one per key."""
+  return jax.vmap(lambda k: init_state(model, optimizer, k, max_len))(keys)
+
+
 def device_data(arrays: data_lib.Arrays) -> dict:
   """Puts the training and evaluation arrays on the (default) device once."""
   has_target = (arrays.train_targets > 0).any(axis=1)
@@ -63,7 +68,7 @@ def device_data(arrays: data_lib.Arrays) -> dict:
 
 
 def make_train_epoch(objective, optimizer, num_items: int, batch_size: int,
-                     num_train_users: int, mesh=None):
+                     num_train_users: int, mesh=None, runs: bool = False):
   """Jitted `epoch(state, data, pert, key) -> (state, terms)`.
 
   One epoch is a `lax.scan` over ceil(users / batch_size) steps with nothing
@@ -72,6 +77,12 @@ def make_train_epoch(objective, optimizer, num_items: int, batch_size: int,
   device. `pert` is the [U, T] level-1 weight table. `terms` holds each loss
   term per step ([steps] arrays). With a `mesh`, each batch is split across
   its devices (data parallel) and everything else is replicated.
+
+  With `runs=True` the epoch trains several independent runs at once: `state`
+  is stacked over a leading run axis (see `init_states`) and `key` is [R, 2];
+  each run keeps its own data order, negatives and dropout, and `terms` are
+  [R, steps]. One small model leaves an accelerator mostly idle, so seeds
+  share one program this way.
   """
   sharding.check_divisible(batch_size, mesh, "train.batch_size")
   num_steps = -(-num_train_users // batch_size)
@@ -107,6 +118,8 @@ def make_train_epoch(objective, optimizer, num_items: int, batch_size: int,
 
     return jax.lax.scan(step, state, (idx, real, keys))
 
+  if runs:
+    epoch = jax.vmap(epoch, in_axes=(0, None, None, 0))
   return jax.jit(epoch, donate_argnums=0), num_steps
 
 
