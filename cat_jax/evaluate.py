@@ -41,6 +41,27 @@ def model_scores(model) -> Callable:
   return scores
 
 
+def map_batches(fn: Callable, arrays: tuple, batch_size: int) -> jax.Array:
+  """fn(batch_index, *batch) over row batches of `arrays`, in one `lax.map`.
+
+  The rows (leading axis, E of them) are zero-padded to a multiple of
+  batch_size, so every batch has the same shape and compiles once; fn's
+  outputs ([batch_size, ...]) are concatenated and trimmed back to E rows.
+  Memory is that of one batch, whatever E is.
+  """
+  E = arrays[0].shape[0]
+  nb = -(-E // batch_size)
+  pad = nb * batch_size - E
+
+  def batched(x):
+    x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+    return x.reshape((nb, batch_size) + x.shape[1:])
+
+  out = jax.lax.map(lambda xs: fn(*xs),
+                    (jnp.arange(nb),) + tuple(batched(a) for a in arrays))
+  return out.reshape((nb * batch_size,) + out.shape[2:])[:E]
+
+
 def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
                 mesh=None, runs: bool = False):
   """Jitted ranks(params, inputs, targets, users, extra, history) -> [E] int32.
@@ -58,22 +79,12 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
   sharding.check_divisible(batch_size, mesh, "eval.batch_size")
 
   def ranks(params, inputs, targets, users, extra, history):
-    E = inputs.shape[0]
-    nb = -(-E // batch_size)
-    pad = nb * batch_size - E
-
-    def batched(x):
-      x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-      return x.reshape((nb, batch_size) + x.shape[1:])
-
-    def one(xs):
+    def one(_, *xs):
       x, t, u, e = (sharding.shard_rows(a, mesh) for a in xs)
       exclude = history_mask(history[u], e, num_items)
       return metrics.target_rank(score_fn(params, x), t, exclude)
 
-    r = jax.lax.map(one, tuple(batched(a) for a in
-                               (inputs, targets, users, extra)))
-    return r.reshape(-1)[:E]
+    return map_batches(one, (inputs, targets, users, extra), batch_size)
 
   if runs:
     return jax.jit(jax.vmap(ranks, in_axes=(0,) + (None,) * 5))

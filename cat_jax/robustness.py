@@ -227,24 +227,13 @@ def make_attack(model, num_items: int, batch_size: int,
   @jax.jit
   def attack(params, inputs, targets, users, extra, history, positions,
              valid, alpha, rng):
-    E = inputs.shape[0]
-    nb = -(-E // batch_size)
-    pad = nb * batch_size - E
-
-    def batched(x):
-      # Padding rows have no valid position, so they are never changed.
-      x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-      return x.reshape((nb, batch_size) + x.shape[1:])
-
-    def one(xs):
-      x, t, u, e, p, v, b = xs
+    # Batch-padding rows have no valid position, so they are never changed.
+    def one(b, x, t, u, e, p, v):
       return attack_batch(model, params, x, t, history[u], e, p, v, alpha,
                           jax.random.fold_in(rng, b), num_items, mode)
 
-    xs = tuple(batched(a) for a in (inputs, targets, users, extra, positions,
-                                    valid)) + (jnp.arange(nb),)
-    out = jax.lax.map(one, xs)
-    return out.reshape((nb * batch_size,) + inputs.shape[1:])[:E]
+    return evaluate.map_batches(
+        one, (inputs, targets, users, extra, positions, valid), batch_size)
 
   return attack
 
