@@ -1,7 +1,7 @@
 """Paper Fig. 5 and 6: item-replacement robustness of trained phases.
 
   python -m cat_jax.experiments.robustness --config=configs/sasrec_video.py \
-      --workdir=runs/sasrec_video --phases=pretrain,none,cas --mode=gradient
+      --workdir=runs/table2_sasrec_video/seed0 --phases=pretrain,none/none,cas/cas
 
 For every phase (a finished `<workdir>/<phase>/best` checkpoint), replaces
 the first / middle / last item (Fig. 5) and the last K = 1..5 items (Fig. 6)
@@ -20,16 +20,23 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cat_jax import robustness, train
+from cat_jax.experiments import common
 from cat_jax.writer import is_chief
 
 def run(config, workdir: str, phases, mode: str, alpha=None,
         seed: int = 0) -> dict:
-  """{phase: evaluate_robustness(...)} for each finished phase."""
+  """{entry: evaluate_robustness(...)} for each finished phase.
+
+  An entry is a phase name ('pretrain', 'cas') or 'subdir/phase' for a
+  phase trained in a subfolder of `workdir` (the runners' layout, e.g.
+  'cas/cas').
+  """
   out = {}
-  for phase in phases:
-    model, params, data, num_items = train.load_selected(config, workdir,
-                                                         phase)
-    out[phase] = robustness.evaluate_robustness(
+  for entry in phases:
+    sub, phase = os.path.split(entry)
+    model, params, data, num_items = train.load_selected(
+        config, os.path.join(workdir, sub), phase)
+    out[entry] = robustness.evaluate_robustness(
         model, params, data, num_items, mode=mode,
         alpha=alpha, batch_size=config.eval.batch_size,
         ks=tuple(config.eval.ks), rng=jax.random.PRNGKey(seed))
@@ -38,11 +45,8 @@ def run(config, workdir: str, phases, mode: str, alpha=None,
 
 def plot(results: dict, path: str, metric: str = "ndcg@10") -> bool:
   """Fig. 5 (bars) and Fig. 6 (lines) of relative drops; False w/o matplotlib."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
+  plt = common.pyplot()
+  if plt is None:
     logging.warning("matplotlib is not installed; skipping %s", path)
     return False
   fig, (a5, a6) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -92,7 +96,8 @@ def define_flags():
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Workdir of the trained run.",
                       required=True)
-  flags.DEFINE_string("phases", "pretrain", "Comma-separated phases to attack.")
+  flags.DEFINE_string("phases", "pretrain",
+                      "Comma-separated phases ('phase' or 'subdir/phase').")
   flags.DEFINE_enum("mode", "gradient", robustness.MODES, "Replacement rule.")
   flags.DEFINE_float("alpha", None, "Gradient step (default: median "
                      "nearest-neighbour distance of the item table).")

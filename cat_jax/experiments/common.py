@@ -1,0 +1,112 @@
+"""What the experiment runners share: shared pretraining, summaries, output.
+
+Layout of a runner's workdir: `seed<k>/` holds the phase-1 model of seed k
+(`seed<k>/pretrain`, trained once) and `seed<k>/<variant>/` each phase-2
+variant trained from it. Everything resumes from checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from cat_jax import stats, train
+from cat_jax.writer import is_chief
+
+METRICS = ("test/ndcg@10", "test/hr@10")
+
+
+def apply_overrides(config, overrides: dict):
+  """A copy of `config` with dotted keys set ({'adv.eps': 1.0, ...})."""
+  c = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def run_variants(config, workdir: str, seeds, variants: dict) -> dict:
+  """Pretrains each seed once, then trains every phase-2 variant from it.
+
+  Args:
+    variants: {name: overrides}, e.g. {'cas': {'adv.method': 'cas'}}.
+
+  Returns:
+    runs[name][seed] = {metric: test value} for the selected checkpoints.
+  """
+  runs = {name: {} for name in variants}
+  for seed in seeds:
+    seed_dir = os.path.join(workdir, f"seed{seed}")
+    train.train_and_evaluate(
+        apply_overrides(config, {"seed": seed, "adv.epochs": 0}), seed_dir)
+    for name, overrides in variants.items():
+      c = apply_overrides(config, {**overrides, "seed": seed,
+                                   "train.pretrain_dir": seed_dir})
+      r = train.train_and_evaluate(c, os.path.join(seed_dir, name))
+      runs[name][seed] = {k: r[c.adv.method][k] for k in METRICS}
+  return runs
+
+
+def summarize(runs: dict, seeds) -> dict:
+  """runs[name][seed][metric] -> rows with mean, std, % vs none, t-tests.
+
+  Comparisons are made against the variants named 'none' (the base model
+  trained as long) and 'global', when present.
+  """
+  rows = {}
+  for name, per_seed in runs.items():
+    row = {}
+    for k in METRICS:
+      vals = [per_seed[s][k] for s in seeds]
+      row[k] = dict(zip(("mean", "std"), stats.mean_std(vals)), values=vals)
+      for ref in ("none", "global"):
+        if ref in runs and ref != name:
+          ref_vals = [runs[ref][s][k] for s in seeds]
+          row[k][f"vs_{ref}"] = stats.paired_ttest(vals, ref_vals)
+      if "none" in runs:
+        base = stats.mean_std([runs["none"][s][k] for s in seeds])[0]
+        row[k]["pct_vs_none"] = 100.0 * (row[k]["mean"] / base - 1.0)
+    rows[name] = row
+  return {"seeds": list(seeds), "rows": rows}
+
+
+def to_markdown(summary: dict) -> str:
+  """The paper's Table 2 layout: mean ± std, % vs none, p-values."""
+  head = ("| variant | NDCG@10 | % vs none | p vs none | p vs global | HR@10 |"
+          " % vs none |\n|---|---|---|---|---|---|---|")
+  lines = [head]
+  fmt_p = lambda d: "" if d is None else f"{d['p']:.3f}"
+  for name, row in summary["rows"].items():
+    n, h = row["test/ndcg@10"], row["test/hr@10"]
+    lines.append(
+        f"| {name} | {n['mean']:.4f} ± {n['std']:.4f} | "
+        f"{n.get('pct_vs_none', 0.0):+.1f}% | {fmt_p(n.get('vs_none'))} | "
+        f"{fmt_p(n.get('vs_global'))} | {h['mean']:.4f} ± {h['std']:.4f} | "
+        f"{h.get('pct_vs_none', 0.0):+.1f}% |")
+  return "\n".join(lines) + f"\n\nseeds: {summary['seeds']}\n"
+
+
+def write(workdir: str, stem: str, summary: dict) -> str:
+  """Writes <stem>.json and <stem>.md (process 0 only); returns the table."""
+  md = to_markdown(summary)
+  if is_chief():
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, stem + ".json"), "w") as f:
+      json.dump(summary, f, indent=1)
+    with open(os.path.join(workdir, stem + ".md"), "w") as f:
+      f.write(md)
+  return md
+
+
+def pyplot():
+  """matplotlib.pyplot with a file backend, or None if not installed."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return None
+  return plt
