@@ -64,7 +64,8 @@ def peak_memory() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def bench_shape(name: str, what, repeats: int, model_name: str):
+def bench_shape(name: str, what, repeats: int, model_name: str,
+                item_chunk: int = 0):
   users, items, mean_len, T = SHAPES[name]
   ds = random_dataset(users, items, mean_len)
   arrays = data.build_arrays(ds, T)
@@ -103,11 +104,16 @@ def bench_shape(name: str, what, repeats: int, model_name: str):
              "peak_bytes": peak_memory()}
     elif w == "eval":
       params = model.init(jax.random.PRNGKey(0), jnp.ones((1, T), jnp.int32))
-      ranker = evaluate.make_ranker(evaluate.model_scores(model), items,
-                                    cfg.eval.batch_size)
+      if item_chunk:
+        ranker = evaluate.make_chunked_ranker(model, items,
+                                              cfg.eval.batch_size, item_chunk)
+      else:
+        ranker = evaluate.make_ranker(evaluate.model_scores(model), items,
+                                      cfg.eval.batch_size)
       sec, times = timed(lambda: ranker(
           params, *evaluate.split_inputs(dd, "test"), dd["history"]), repeats)
-      yield {"name": f"eval_{model_name}", **base, "seconds": sec,
+      yield {"name": f"eval_{model_name}", **base, "item_chunk": item_chunk,
+             "seconds": sec,
              "users_per_s": int(dd["eval_users"].shape[0]) / sec,
              "runs": times, "peak_bytes": peak_memory()}
     elif w == "cascade":
@@ -124,6 +130,8 @@ def main():
   ap.add_argument("--what", default=",".join(WHAT))
   ap.add_argument("--models", default="sasrec,gru4rec")
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--item_chunk", type=int, default=0,
+                  help="score the catalog this many items at a time (eval)")
   a = ap.parse_args()
   what = [w for w in a.what.split(",") if w]
   for w in what:
@@ -135,7 +143,7 @@ def main():
     for i, m in enumerate(a.models.split(",")):
       # Cascade scores do not depend on the model: measure them once.
       todo = [w for w in what if w != "cascade" or i == 0]
-      for record in bench_shape(shape, todo, a.repeats, m):
+      for record in bench_shape(shape, todo, a.repeats, m, a.item_chunk):
         print(json.dumps(record), flush=True)
 
 

@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   # Users per evaluation batch (results do not depend on it).
   c.eval.batch_size = 256
+  # Score the catalog this many items at a time (0 = all at once); for
+  # catalogs whose [batch, items] score matrix does not fit in memory.
+  c.eval.item_chunk = 0
   # Cut-offs K of NDCG@K and HR@K.
   c.eval.ks = (5, 10, 20)
   # Validation metric for model selection.

@@ -32,12 +32,16 @@ def history_mask(history: jax.Array, extra: jax.Array,
   return mask.at[rows, extra].set(True)
 
 
+def user_embeddings(model, params, inputs):
+  """W_T [B, d]: the user embedding after the last step of each window."""
+  S = model.embed(params, inputs)
+  return model.encode(params, S, inputs > 0, train=False)[:, -1]
+
+
 def model_scores(model) -> Callable:
   """scores(params, inputs [B, T]) -> [B, N+1]: <W_T, E_j> at the last step."""
   def scores(params, inputs):
-    S = model.embed(params, inputs)
-    W = model.encode(params, S, inputs > 0, train=False)[:, -1]
-    return W @ model.items(params).T
+    return user_embeddings(model, params, inputs) @ model.items(params).T
   return scores
 
 
@@ -88,6 +92,50 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
 
   if runs:
     return jax.jit(jax.vmap(ranks, in_axes=(0,) + (None,) * 5))
+  return jax.jit(ranks)
+
+
+def make_chunked_ranker(model, num_items: int, batch_size: int,
+                        item_chunk: int, mesh=None):
+  """As `make_ranker` for a model, holding [batch, item_chunk] scores at most.
+
+  For catalogs whose [batch_size, N+1] score matrix does not fit: the items
+  are scored `item_chunk` at a time and only counts are kept, so memory is
+  O(batch_size * item_chunk) whatever N is. The rank is the same pessimistic
+  full-ranking rank, 1 + #{candidates j != target : score_j >= score_target}.
+  """
+  sharding.check_divisible(batch_size, mesh, "eval.batch_size")
+  n_chunks = -(-(num_items + 1) // item_chunk)
+
+  def ranks(params, inputs, targets, users, extra, history):
+    E = model.items(params)
+    table = jnp.concatenate(
+        [E, jnp.zeros((n_chunks * item_chunk - E.shape[0], E.shape[1]),
+                      E.dtype)]).reshape(n_chunks, item_chunk, -1)
+
+    def one(_, x, t, u, e):
+      x, t, u, e = (sharding.shard_rows(a, mesh) for a in (x, t, u, e))
+      W = user_embeddings(model, params, x)
+      target_score = jnp.sum(W * E[t], axis=-1)
+      taken = jnp.concatenate([history[u], e[:, None]], axis=1)
+      rows = jnp.arange(x.shape[0])[:, None]
+
+      def count(c):
+        start = c * item_chunk
+        ids = start + jnp.arange(item_chunk)
+        # History items outside this chunk go to an out-of-range slot.
+        local = jnp.where(taken >= start, taken - start, item_chunk)
+        excluded = jnp.zeros((x.shape[0], item_chunk), jnp.bool_).at[
+            rows, local].set(True, mode="drop")
+        candidate = ((ids >= 1) & (ids <= num_items))[None] & ~excluded & (
+            ids[None] != t[:, None])
+        beats = (W @ table[c].T) >= target_score[:, None]
+        return jnp.sum(beats & candidate, axis=1, dtype=jnp.int32)
+
+      return 1 + jnp.sum(jax.lax.map(count, jnp.arange(n_chunks)), axis=0)
+
+    return map_batches(one, (inputs, targets, users, extra), batch_size)
+
   return jax.jit(ranks)
 
 

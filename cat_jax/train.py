@@ -394,8 +394,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   root = jax.random.PRNGKey(config.seed)
   init_key, pre_key, adv_key = jax.random.split(root, 3)
   state = sharding.replicate(init_state(model, optimizer, init_key, T), mesh)
-  ranker = evaluate.make_ranker(evaluate.model_scores(model), N,
-                                config.eval.batch_size, mesh)
+  if config.eval.item_chunk:
+    ranker = evaluate.make_chunked_ranker(model, N, config.eval.batch_size,
+                                          config.eval.item_chunk, mesh)
+  else:
+    ranker = evaluate.make_ranker(evaluate.model_scores(model), N,
+                                  config.eval.batch_size, mesh)
   num_train_users = int(data["train_users"].shape[0])
   if num_train_users == 0:
     raise data_lib.DataError("No user has two training items to learn from.")

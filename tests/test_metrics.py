@@ -112,3 +112,24 @@ def test_summarize_matches_metrics_from_rank():
   for k, v in per_user.items():
     assert s[k] == pytest.approx(float(np.mean(np.asarray(v))), rel=1e-6)
   assert s["users"] == 6
+
+
+def test_chunked_ranker_matches_the_full_score_matrix():
+  import ml_collections
+  from cat_jax import models
+  rng = np.random.default_rng(3)
+  N, T, E, H = 61, 5, 37, 9
+  cfg = ml_collections.ConfigDict(dict(name="sasrec", hidden=8, num_blocks=1,
+                                       num_heads=1, dropout=0.0))
+  model = models.build_model(cfg, N, T)
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, T), jnp.int32))
+  inputs = jnp.asarray(rng.integers(0, N + 1, (E, T)), jnp.int32)
+  targets = jnp.asarray(rng.integers(1, N + 1, E), jnp.int32)
+  history = jnp.asarray(np.sort(rng.integers(1, N + 2, (E, H)), axis=1),
+                        jnp.int32)
+  users, extra = jnp.arange(E), jnp.asarray(rng.integers(0, N + 1, E))
+  args = (params, inputs, targets, users, extra, history)
+  full = evaluate.make_ranker(evaluate.model_scores(model), N, 8)(*args)
+  for chunk in (7, 16, N + 1, 200):
+    chunked = evaluate.make_chunked_ranker(model, N, 8, chunk)(*args)
+    np.testing.assert_array_equal(np.asarray(chunked), np.asarray(full))
