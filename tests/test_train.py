@@ -126,3 +126,28 @@ def test_cli_trains_the_default_config_shrunk(tmp_path):
   results = json.load(open(tmp_path / "results.json"))
   assert set(results) >= {"pretrain", "cas", "data"}
   assert "steps/s" in r.stderr and "ETA" in r.stderr
+
+
+def test_epoch_and_ranker_compile_once(make_config):
+  """Epoch after epoch (new keys, new state) reuses one compiled program."""
+  import jax.numpy as jnp
+  from cat_jax import adversarial, data, evaluate, models
+  config = make_config()
+  arrays = data.build_arrays(data.load_from_config(config.data),
+                             config.data.max_len)
+  dd = train.device_data(arrays)
+  model = models.build_model(config.model, arrays.num_items, arrays.max_len)
+  opt = train.make_optimizer(config.train)
+  state = train.init_state(model, opt, jax.random.PRNGKey(0), arrays.max_len)
+  epoch, _ = train.make_train_epoch(
+      adversarial.make_objective(model, adversarial.method_config("none")),
+      opt, arrays.num_items, 64, int(dd["train_users"].shape[0]))
+  ranker = evaluate.make_ranker(evaluate.model_scores(model),
+                                arrays.num_items, 96)
+  pert = (dd["train_inputs"] > 0).astype(jnp.float32)
+  for e in range(3):
+    state, _ = epoch(state, dd, pert, jax.random.PRNGKey(e))
+    for split in ("valid", "test"):
+      ranker(state.params, *evaluate.split_inputs(dd, split), dd["history"])
+  assert epoch._cache_size() == 1
+  assert ranker._cache_size() == 1
