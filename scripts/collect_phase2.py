@@ -28,10 +28,14 @@ def main(root):
   base_ndcg = base[0]["test/ndcg@10"] if base else None
   print("| method | scope | eps | valid NDCG@10 | test NDCG@10 | test HR@10 |"
         " % vs none |\n|---|---|---|---|---|---|---|")
+  setting = lambda m, scope, eps: "-" if m == "none" else f"{eps:g}, {scope}"
   for m, scope, eps, r in sorted(rows, key=lambda x: (x[0], x[1], x[2])):
+    if m == "none":
+      scope, eps = "-", float("nan")
     pct = (f"{100 * (r['test/ndcg@10'] / base_ndcg - 1):+.1f}%"
            if base_ndcg else "")
-    print(f"| {m} | {scope} | {eps:g} | {r['valid/ndcg@10']:.4f} | "
+    eps_s = "-" if m == "none" else f"{eps:g}"
+    print(f"| {m} | {scope} | {eps_s} | {r['valid/ndcg@10']:.4f} | "
           f"{r['test/ndcg@10']:.4f} | {r['test/hr@10']:.4f} | {pct} |")
   print("\nChosen on validation NDCG@10, per method:\n")
   print("| method | eps, scope | test NDCG@10 | test HR@10 | % vs none |\n"
@@ -41,7 +45,7 @@ def main(root):
                            key=lambda x: x[3]["valid/ndcg@10"])
     pct = (f"{100 * (r['test/ndcg@10'] / base_ndcg - 1):+.1f}%"
            if base_ndcg else "")
-    print(f"| {m} | {eps:g}, {scope} | {r['test/ndcg@10']:.4f} | "
+    print(f"| {m} | {setting(m, scope, eps)} | {r['test/ndcg@10']:.4f} | "
           f"{r['test/hr@10']:.4f} | {pct} |")
 
 
