@@ -8,6 +8,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import pytest  # noqa: E402
 
 from cat_jax import config_lib  # noqa: E402
+from cat_jax.experiments import common  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                            "data")
@@ -28,13 +29,7 @@ def tiny_config(**overrides):
   c.adv.epochs = 0
   c.eval.batch_size = 96
   c.parallel.devices = 1  # the sharding tests ask for 8
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return common.apply_overrides(c, overrides)
 
 
 @pytest.fixture

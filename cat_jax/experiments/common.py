@@ -101,6 +101,17 @@ def write(workdir: str, stem: str, summary: dict) -> str:
   return md
 
 
+def save_figure(fig, path: str):
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  fig.clf()
+
+
+def split_list(text: str, kind=str) -> list:
+  """'0,1,2' -> [0, 1, 2] for comma-separated flags (empty items dropped)."""
+  return [kind(x) for x in text.split(",") if x]
+
+
 def pyplot():
   """matplotlib.pyplot with a file backend, or None if not installed."""
   try:

@@ -61,8 +61,7 @@ def plot(result: dict, path: str) -> bool:
   ax.set_xlabel("epoch")
   ax.set_ylabel(result["metric"])
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  common.save_figure(fig, path)
   plt.close(fig)
   return True
 
@@ -70,8 +69,7 @@ def plot(result: dict, path: str) -> bool:
 def main(argv):
   del argv
   F = flags.FLAGS
-  result = curves(F.workdir, [v for v in F.variants.split(",") if v],
-                  F.metric)
+  result = curves(F.workdir, common.split_list(F.variants), F.metric)
   with open(os.path.join(F.workdir, "curves.json"), "w") as f:
     json.dump(result, f, indent=1)
   plot(result, os.path.join(F.workdir, "curves.png"))

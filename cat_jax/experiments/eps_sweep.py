@@ -51,8 +51,7 @@ def plot(summary: dict, path: str) -> bool:
     ax.set_xlabel("eps")
     ax.set_ylabel(k)
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  common.save_figure(fig, path)
   plt.close(fig)
   return True
 
@@ -60,9 +59,8 @@ def plot(summary: dict, path: str) -> bool:
 def main(argv):
   del argv
   F = flags.FLAGS
-  summary = run_sweep(F.config, F.workdir,
-                      [int(s) for s in F.seeds.split(",") if s], F.method,
-                      [float(e) for e in F.eps.split(",") if e])
+  summary = run_sweep(F.config, F.workdir, common.split_list(F.seeds, int),
+                      F.method, common.split_list(F.eps, float))
   md = common.write(F.workdir, "eps_sweep", summary)
   plot(summary, os.path.join(F.workdir, "eps_sweep.png"))
   print(md)

@@ -67,8 +67,8 @@ def plot(results: dict, path: str, metric: str = "ndcg@10") -> bool:
   a6.set_xlabel("last K items replaced")
   a6.set_title("last K replaced (Fig. 6)")
   a5.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  a6.legend()
+  common.save_figure(fig, path)
   plt.close(fig)
   return True
 
@@ -76,8 +76,8 @@ def plot(results: dict, path: str, metric: str = "ndcg@10") -> bool:
 def main(argv):
   del argv
   F = flags.FLAGS
-  results = run(F.config, F.workdir, [p for p in F.phases.split(",") if p],
-                F.mode, F.alpha, F.seed)
+  results = run(F.config, F.workdir, common.split_list(F.phases), F.mode,
+                F.alpha, F.seed)
   if is_chief():
     path = os.path.join(F.workdir, f"robustness_{F.mode}")
     with open(path + ".json", "w") as f:

@@ -31,10 +31,9 @@ def run_table(config, workdir: str, seeds, methods) -> dict:
 def main(argv):
   del argv
   F = flags.FLAGS
-  seeds = [int(s) for s in F.seeds.split(",") if s]
-  methods = [m for m in F.methods.split(",") if m]
-  md = common.write(F.workdir, "table2",
-                    run_table(F.config, F.workdir, seeds, methods))
+  md = common.write(F.workdir, "table2", run_table(
+      F.config, F.workdir, common.split_list(F.seeds, int),
+      common.split_list(F.methods)))
   logging.info("\n%s", md)
   print(md)
 
