@@ -32,19 +32,12 @@ flags.DEFINE_bool("distributed", False,
 FLAGS = flags.FLAGS
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Orbax logs every checkpoint step at INFO; keep our progress readable."""
-
-  def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # after flag parsing, so --help is fast
-  from cat_jax import train
+  from cat_jax import train, writer
+  writer.quiet_library_logs()
 
   if FLAGS.distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,

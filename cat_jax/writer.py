@@ -8,6 +8,7 @@ import os
 import time
 
 import jax
+from absl import logging
 
 
 def is_chief() -> bool:
@@ -42,3 +43,17 @@ class JsonlWriter:
     if self._file is not None:
       self._file.close()
       self._file = None
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Orbax logs every checkpoint step at INFO; keep progress lines readable."""
+
+  def filter(self, record):
+    return (record.levelno >= logging.logging.WARNING
+            or "orbax" not in record.pathname)
+
+
+def quiet_library_logs():
+  """Drops the INFO chatter of Orbax from the absl log (call inside app.run)."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+

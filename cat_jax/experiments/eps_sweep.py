@@ -16,6 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cat_jax import writer
 from cat_jax.experiments import common
 
 
@@ -58,6 +59,7 @@ def plot(summary: dict, path: str) -> bool:
 
 def main(argv):
   del argv
+  writer.quiet_library_logs()
   F = flags.FLAGS
   summary = run_sweep(F.config, F.workdir, common.split_list(F.seeds, int),
                       F.method, common.split_list(F.eps, float))

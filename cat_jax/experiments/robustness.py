@@ -20,8 +20,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cat_jax import robustness, train
+from cat_jax import writer
 from cat_jax.experiments import common
-from cat_jax.writer import is_chief
 
 def run(config, workdir: str, phases, mode: str, alpha=None,
         seed: int = 0) -> dict:
@@ -75,10 +75,11 @@ def plot(results: dict, path: str, metric: str = "ndcg@10") -> bool:
 
 def main(argv):
   del argv
+  writer.quiet_library_logs()
   F = flags.FLAGS
   results = run(F.config, F.workdir, common.split_list(F.phases), F.mode,
                 F.alpha, F.seed)
-  if is_chief():
+  if writer.is_chief():
     path = os.path.join(F.workdir, f"robustness_{F.mode}")
     with open(path + ".json", "w") as f:
       json.dump(results, f, indent=1)

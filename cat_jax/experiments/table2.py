@@ -18,6 +18,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cat_jax import writer
 from cat_jax.experiments import common
 
 
@@ -30,6 +31,7 @@ def run_table(config, workdir: str, seeds, methods) -> dict:
 
 def main(argv):
   del argv
+  writer.quiet_library_logs()
   F = flags.FLAGS
   md = common.write(F.workdir, "table2", run_table(
       F.config, F.workdir, common.split_list(F.seeds, int),
