@@ -101,6 +101,23 @@ def write(workdir: str, stem: str, summary: dict) -> str:
   return md
 
 
+def define_run_flags(config_help: str = "Config file.",
+                     workdir_help: str = "Output directory.", seeds=True):
+  """--config, --workdir (and --seeds): the flags every runner takes.
+
+  Called from a runner's `define_flags`, never on import, so that the
+  runner modules can be imported together.
+  """
+  from absl import flags
+  from ml_collections import config_flags
+  if config_help:
+    config_flags.DEFINE_config_file("config", None, config_help,
+                                    lock_config=True)
+  flags.DEFINE_string("workdir", None, workdir_help, required=True)
+  if seeds:
+    flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+
+
 def save_figure(fig, path: str):
   fig.tight_layout()
   fig.savefig(path, dpi=120)

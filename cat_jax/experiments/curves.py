@@ -79,8 +79,7 @@ def main(argv):
 
 def define_flags():
   """Command-line flags (not defined on import: runners import together)."""
-  flags.DEFINE_string("workdir", None, "A seed folder of a runner.",
-                      required=True)
+  common.define_run_flags(None, "A seed folder of a runner.", seeds=False)
   flags.DEFINE_string("variants", "none,linear,seq,global,cas",
                       "Phase-2 variants (subfolders) to include.")
   flags.DEFINE_string("metric", "valid/ndcg@10", "metrics.jsonl field.")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from cat_jax import writer
 from cat_jax.experiments import common
@@ -69,11 +68,7 @@ def main(argv):
 
 
 def define_flags():
-  """Command-line flags (not defined on import: runners import together)."""
-  config_flags.DEFINE_config_file("config", None, "Config file.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+  common.define_run_flags()
   flags.DEFINE_string("method", "cas", "adv.method to sweep.")
   flags.DEFINE_string("eps", "0.1,1,5,10,20,30,50", "Comma-separated eps.")
 

@@ -17,7 +17,6 @@ import os
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from cat_jax import robustness, train
 from cat_jax import writer
@@ -93,10 +92,8 @@ def main(argv):
 def define_flags():
   """Flags of the command line (not defined on import, so that the
   experiment modules can be imported together)."""
-  config_flags.DEFINE_config_file("config", None, "Config file of the run.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Workdir of the trained run.",
-                      required=True)
+  common.define_run_flags("Config file of the run.",
+                          "Workdir of the trained run.", seeds=False)
   flags.DEFINE_string("phases", "pretrain",
                       "Comma-separated phases ('phase' or 'subdir/phase').")
   flags.DEFINE_enum("mode", "gradient", robustness.MODES, "Replacement rule.")

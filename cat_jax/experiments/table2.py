@@ -16,7 +16,6 @@ as long), and paired t-tests over seeds against `none` and `global`.
 from __future__ import annotations
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from cat_jax import writer
 from cat_jax.experiments import common
@@ -41,11 +40,7 @@ def main(argv):
 
 
 def define_flags():
-  """Command-line flags (not defined on import: runners import together)."""
-  config_flags.DEFINE_config_file("config", None, "Config file.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+  common.define_run_flags()
   flags.DEFINE_string("methods", "none,linear,seq,global,cas",
                       "Comma-separated adv.method values.")
 
