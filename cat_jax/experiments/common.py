@@ -119,9 +119,11 @@ def define_run_flags(config_help: str = "Config file.",
 
 
 def save_figure(fig, path: str):
+  """Lays out, writes (PNG, 120 dpi) and closes a matplotlib figure."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  fig.clf()
+  plt.close(fig)
 
 
 def split_list(text: str, kind=str) -> list:

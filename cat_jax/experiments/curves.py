@@ -62,7 +62,6 @@ def plot(result: dict, path: str) -> bool:
   ax.set_ylabel(result["metric"])
   ax.legend()
   common.save_figure(fig, path)
-  plt.close(fig)
   return True
 
 

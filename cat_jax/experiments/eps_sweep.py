@@ -52,7 +52,6 @@ def plot(summary: dict, path: str) -> bool:
     ax.set_ylabel(k)
     ax.legend()
   common.save_figure(fig, path)
-  plt.close(fig)
   return True
 
 

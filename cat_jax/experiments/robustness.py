@@ -68,7 +68,6 @@ def plot(results: dict, path: str, metric: str = "ndcg@10") -> bool:
   a5.legend()
   a6.legend()
   common.save_figure(fig, path)
-  plt.close(fig)
   return True
 
 
