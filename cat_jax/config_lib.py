@@ -85,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   # What one eps-sized perturbation covers: 'row' (each sequence at level 1,
   # each embedding at level 2) or 'batch' (the whole batch tensor).
   c.adv.scope = "row"
+  # Evaluate (and save) every N phase-2 epochs; 0 = train.eval_every.
+  c.adv.eval_every = 0
 
   c.parallel = ml_collections.ConfigDict()
   # Devices to split each batch over (data parallel); 0 = all visible.

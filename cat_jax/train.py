@@ -158,7 +158,7 @@ class NonFiniteLoss(FloatingPointError):
   pass
 
 
-def _check_finite(terms: dict, step0: int, phase: str):
+def _check_finite(terms: dict, step0: int, phase: str, where: str = ""):
   loss = np.asarray(terms["loss"])
   bad = np.flatnonzero(~np.isfinite(loss))
   if len(bad):
@@ -166,124 +166,213 @@ def _check_finite(terms: dict, step0: int, phase: str):
     named = ", ".join(f"{k}={float(np.asarray(v)[i]):.4g}"
                       for k, v in sorted(terms.items()))
     raise NonFiniteLoss(
-        f"Non-finite loss in phase {phase!r} at step {step0 + i + 1} "
+        f"Non-finite loss in phase {phase!r}{where} at step {step0 + i + 1} "
         f"({named}). The last good checkpoint is kept; lower train.lr or "
         "adv.eps and restart.")
 
 
-def _train_epochs(phase, state, start, epochs, epoch_fn, pert, data, validate,
-                  config, writer, root_key, latest, best, best_path,
-                  best_info):
-  """The epoch loop of `run_phase`; returns (state, best_info)."""
-  select = config.eval.select
+def take_run(tree, r: int):
+  """Run r of a pytree stacked over a leading run axis."""
+  return jax.tree.map(lambda x: x[r], tree)
+
+
+def stack_runs(trees):
+  """Stacks per-run pytrees over a new leading run axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+class _Runs:
+  """Per-run bookkeeping of one phase: one workdir per run.
+
+  A single run (`stacked=False`) is the special case R = 1 whose state has no
+  run axis; stacked runs keep their own checkpoints, selection, metrics and
+  results under their own workdirs, exactly as if each had been trained alone.
+  """
+
+  def __init__(self, phase, workdirs, writers, keys, stacked, select):
+    self.phase, self.stacked, self.select = phase, stacked, select
+    self.pdirs = [os.path.join(w, phase) for w in workdirs]
+    self.writers, self.keys = writers, keys
+    self.latest = [_manager(os.path.join(p, "latest")) for p in self.pdirs]
+    self.best = [_manager(os.path.join(p, "best")) for p in self.pdirs]
+    self.best_info = [{"epoch": -1, select: -np.inf} for _ in self.pdirs]
+
+  def __len__(self):
+    return len(self.pdirs)
+
+  def take(self, tree, r):
+    return take_run(tree, r) if self.stacked else tree
+
+  def join(self, trees):
+    return stack_runs(trees) if self.stacked else trees[0]
+
+  def split(self, tree) -> list:
+    return [self.take(tree, r) for r in range(len(self))]
+
+  def epoch_key(self, epoch):
+    keys = [jax.random.fold_in(k, epoch) for k in self.keys]
+    return jnp.stack(keys) if self.stacked else keys[0]
+
+  def where(self, r):
+    return f" ({self.pdirs[r]})" if self.stacked else ""
+
+  def close(self):
+    for m in self.latest + self.best:
+      m.wait_until_finished()
+      m.close()
+
+
+def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
+                  validate, config):
+  """The epoch loop of `run_phase`; returns the final state."""
+  phase, select = runs.phase, runs.select
+  eval_every = phase_eval_every(config, phase)
   t_phase = time.time()
   for epoch in range(start + 1, epochs + 1):
     t0 = time.time()
-    step0 = int(state.step)
-    state, terms = epoch_fn(state, data, pert,
-                            jax.random.fold_in(root_key, epoch))
-    terms = jax.device_get(terms)  # the one host sync of the epoch
-    _check_finite(terms, step0, phase)
+    step0 = int(np.ravel(jax.device_get(state.step))[0])
+    state, terms = epoch_fn(state, data, pert, runs.epoch_key(epoch))
+    terms = runs.split(jax.device_get(terms))  # the one host sync
+    for r, t in enumerate(terms):
+      _check_finite(t, step0, phase, runs.where(r))
     dt = time.time() - t0
-    n_steps = len(terms["loss"])
-    means = {k: float(np.mean(v)) for k, v in terms.items()}
+    n_steps = len(terms[0]["loss"]) * len(runs)
+    means = [{k: float(np.mean(v)) for k, v in t.items()} for t in terms]
     if epoch % config.train.log_every == 0 or epoch == epochs:
       elapsed = time.time() - t_phase
       eta = elapsed / (epoch - start) * (epochs - epoch)
+      avg = {k: np.mean([m[k] for m in means]) for k in means[0]}
       logging.info(
-          "[%s] epoch %d/%d loss %.4f (bce %.4f adv1 %.4f adv2 %.4f) "
+          "[%s] epoch %d/%d loss %.4f (bce %.4f adv1 %.4f adv2 %.4f%s) "
           "%.1f steps/s, %.2f s/epoch, ETA %.0f s", phase, epoch, epochs,
-          means["loss"], means["bce"], means["adv1"], means["adv2"],
+          avg["loss"], avg["bce"], avg["adv1"], avg["adv2"],
+          f"; mean of {len(runs)} runs" if runs.stacked else "",
           n_steps / dt, dt, eta)
-    if epoch % config.train.eval_every == 0 or epoch == epochs:
+    if epoch % eval_every == 0 or epoch == epochs:
       t_eval = time.time()
-      val = validate(state.params)
+      vals = validate(state.params)
       eval_s = time.time() - t_eval
-      improved = val[select] > best_info[select]
-      latest.save(epoch, args=ocp.args.StandardSave(state))
-      if improved:
-        best.save(epoch, args=ocp.args.StandardSave(state), force=True)
-        best.wait_until_finished()
-        best_info = {"epoch": epoch, select: val[select]}
-        if is_chief():
-          with open(best_path, "w") as f:
-            json.dump(best_info, f)
-      writer.write({"phase": phase, "epoch": epoch, "step": int(state.step),
-                    **{f"train/{k}": v for k, v in means.items()},
-                    **{f"valid/{k}": v for k, v in val.items()},
-                    "steps_per_s": n_steps / dt, "epoch_s": dt,
-                    "eval_s": eval_s})
-      logging.info("[%s] epoch %d valid %s", phase, epoch,
-                   " ".join(f"{k}={v:.4f}" for k, v in val.items()))
-  return state, best_info
+      parts = runs.split(state)
+      for r, val in enumerate(vals):
+        runs.latest[r].save(epoch, args=ocp.args.StandardSave(parts[r]))
+        if val[select] > runs.best_info[r][select]:
+          runs.best[r].save(epoch, args=ocp.args.StandardSave(parts[r]),
+                            force=True)
+          runs.best[r].wait_until_finished()
+          runs.best_info[r] = {"epoch": epoch, select: val[select]}
+          if is_chief():
+            with open(os.path.join(runs.pdirs[r], "best.json"), "w") as f:
+              json.dump(runs.best_info[r], f)
+        runs.writers[r].write(
+            {"phase": phase, "epoch": epoch, "step": step0 + len(
+                terms[r]["loss"]),
+             **{f"train/{k}": v for k, v in means[r].items()},
+             **{f"valid/{k}": v for k, v in val.items()},
+             "steps_per_s": n_steps / dt, "epoch_s": dt, "eval_s": eval_s})
+        logging.info("[%s] epoch %d valid%s %s", phase, epoch, runs.where(r),
+                     " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+  return state
+
+
+def phase_eval_every(config, phase: str) -> int:
+  """Validation interval (epochs) of `phase`: adv.eval_every in phase 2."""
+  if phase != "pretrain" and config.adv.eval_every:
+    return config.adv.eval_every
+  return config.train.eval_every
+
+
+def _resume(runs: _Runs, state):
+  """(state, start epoch) from the runs' latest checkpoints, if any."""
+  steps = [m.latest_step() for m in runs.latest]
+  if all(s is None for s in steps):
+    return state, 0
+  if len(set(steps)) > 1:
+    raise ValueError(
+        f"[{runs.phase}] the runs in {runs.pdirs} were saved at different "
+        f"epochs ({steps}); resume them one at a time with launch.py.")
+  state = runs.join([restore(m, runs.take(state, r))
+                     for r, m in enumerate(runs.latest)])
+  for r, p in enumerate(runs.pdirs):
+    if os.path.exists(os.path.join(p, "best.json")):
+      with open(os.path.join(p, "best.json")) as f:
+        runs.best_info[r] = json.load(f)
+    logging.info("[%s] resumed%s from epoch %d (best %s %.4f at epoch %d)",
+                 runs.phase, runs.where(r), steps[r], runs.select,
+                 runs.best_info[r][runs.select], runs.best_info[r]["epoch"])
+  return state, int(steps[0])
 
 
 def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
-              data: dict, ranker, config, workdir: str, writer: JsonlWriter,
-              root_key) -> tuple[TrainState, dict]:
+              data: dict, ranker, config, workdir, writer, root_key,
+              stacked: bool = False):
   """Trains `epochs` epochs (resuming), selects on validation, tests once.
 
-  Returns (final state, results dict of this phase).
+  Returns (final state, results dict of this phase). With `stacked=True`,
+  `state` has a leading run axis R (an `epoch_fn` and `ranker` built with
+  `runs=True`), `workdir`, `writer` and `root_key` are length-R lists, each run
+  is selected and tested on its own, and the results are a list.
   """
-  pdir = os.path.join(workdir, phase)
-  latest, best = _manager(os.path.join(pdir, "latest")), _manager(
-      os.path.join(pdir, "best"))
-  results_path = os.path.join(pdir, "results.json")
-  best_path = os.path.join(pdir, "best.json")
   select = config.eval.select
-  start = 0
-  best_info = {"epoch": -1, select: -np.inf}
-  if latest.latest_step() is not None:
-    state = restore(latest, state)
-    start = int(latest.latest_step())
-    if os.path.exists(best_path):
-      with open(best_path) as f:
-        best_info = json.load(f)
-    logging.info("[%s] resumed from epoch %d (best %s %.4f at epoch %d)",
-                 phase, start, select, best_info[select], best_info["epoch"])
-  if start >= epochs and os.path.exists(results_path):
-    latest.close()
-    best.close()
-    with open(results_path) as f:
-      return state, json.load(f)
-
-  def validate(params):
-    r = ranker(params, *evaluate.split_inputs(data, "valid"),
-               data["history"])
-    return evaluate.summarize(np.asarray(r), config.eval.ks)
-
-  t_phase = time.time()
+  runs = _Runs(phase, *((workdir, writer, root_key) if stacked else
+                        ([workdir], [writer], [root_key])), stacked, select)
+  results_paths = [os.path.join(p, "results.json") for p in runs.pdirs]
   try:
-    state, best_info = _train_epochs(
-        phase, state, start, epochs, epoch_fn, pert, data, validate, config,
-        writer, root_key, latest, best, best_path, best_info)
-  finally:
-    # Saves are asynchronous: finish them even when training stops early
-    # (a NaN, Ctrl-C), so that the last good checkpoint is complete on disk.
-    latest.wait_until_finished()
-    best.wait_until_finished()
+    state, start = _resume(runs, state)
+    if start >= epochs and all(map(os.path.exists, results_paths)):
+      out = []
+      for path in results_paths:
+        with open(path) as f:
+          out.append(json.load(f))
+      return state, out if stacked else out[0]
 
-  # The test split is read here, once, for the selected checkpoint.
-  if best_info["epoch"] < 0:
-    raise RuntimeError(f"[{phase}] no evaluation was run; nothing to test.")
-  selected = restore(best, state, step=best_info["epoch"])
-  r = ranker(selected.params, *evaluate.split_inputs(data, "test"),
-             data["history"])
-  test = evaluate.summarize(np.asarray(r), config.eval.ks)
-  results = {"phase": phase, "selected_epoch": best_info["epoch"],
-             f"valid/{select}": best_info[select],
-             **{f"test/{k}": v for k, v in test.items()},
-             "train_s": time.time() - t_phase}
-  writer.write({"phase": phase, "epoch": best_info["epoch"], "split": "test",
-                **{f"test/{k}": v for k, v in test.items()}})
-  if is_chief():
-    with open(results_path, "w") as f:
-      json.dump(results, f, indent=1)
-  logging.info("[%s] selected epoch %d; test %s", phase, best_info["epoch"],
-               " ".join(f"{k}={v:.4f}" for k, v in test.items()))
-  latest.close()
-  best.close()
-  return state, results
+    def validate(params):
+      r = np.asarray(ranker(params, *evaluate.split_inputs(data, "valid"),
+                            data["history"]))
+      return [evaluate.summarize(x, config.eval.ks)
+              for x in (r if stacked else [r])]
+
+    t_phase = time.time()
+    try:
+      state = _train_epochs(runs, state, start, epochs, epoch_fn, pert, data,
+                            validate, config)
+    finally:
+      # Saves are asynchronous: finish them even when training stops early
+      # (a NaN, Ctrl-C), so that the last good checkpoint is complete on disk.
+      for m in runs.latest + runs.best:
+        m.wait_until_finished()
+
+    # The test split is read here, once, for each run's selected checkpoint.
+    for r, info in enumerate(runs.best_info):
+      if info["epoch"] < 0:
+        raise RuntimeError(f"[{phase}]{runs.where(r)} no evaluation was run; "
+                           "nothing to test.")
+    selected = runs.join([
+        restore(runs.best[r], runs.take(state, r), step=info["epoch"])
+        for r, info in enumerate(runs.best_info)])
+    ranks = np.asarray(ranker(selected.params,
+                              *evaluate.split_inputs(data, "test"),
+                              data["history"]))
+    out = []
+    for r, x in enumerate(ranks if stacked else [ranks]):
+      test = evaluate.summarize(x, config.eval.ks)
+      info = runs.best_info[r]
+      results = {"phase": phase, "selected_epoch": info["epoch"],
+                 f"valid/{select}": info[select],
+                 **{f"test/{k}": v for k, v in test.items()},
+                 "train_s": time.time() - t_phase}
+      runs.writers[r].write({"phase": phase, "epoch": info["epoch"],
+                             "split": "test",
+                             **{f"test/{k}": v for k, v in test.items()}})
+      if is_chief():
+        with open(results_paths[r], "w") as f:
+          json.dump(results, f, indent=1)
+      logging.info("[%s]%s selected epoch %d; test %s", phase, runs.where(r),
+                   info["epoch"],
+                   " ".join(f"{k}={v:.4f}" for k, v in test.items()))
+      out.append(results)
+    return state, out if stacked else out[0]
+  finally:
+    runs.close()
 
 
 # ----------------------------------------------------------------------------
@@ -309,6 +398,9 @@ def validate_config(config):
                        f"{config.train[name]}.")
   if config.adv.epochs < 0:
     raise ValueError(f"adv.epochs must be >= 0, got {config.adv.epochs}.")
+  if config.adv.eval_every < 0:
+    raise ValueError("adv.eval_every must be >= 0 (0 = train.eval_every), "
+                     f"got {config.adv.eval_every}.")
   if config.train.epochs == 0 and not config.train.pretrain_dir and \
       config.adv.epochs == 0:
     raise ValueError("Nothing to train: train.epochs and adv.epochs are 0.")
@@ -370,45 +462,12 @@ def load_selected(config, workdir: str, phase: str):
   return model, state.params, device_data(arrays), arrays.num_items
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict:
-  """Runs phase 1 and (if adv.epochs > 0) phase 2; returns results.json."""
-  validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+def _check_pretrain(config, pre_dir: str, reuse: bool):
+  """Guards a shared phase 1: `pre_dir` must hold this config's pretraining.
 
-  t0 = time.time()
-  ds = data_lib.load_from_config(config.data)
-  arrays = data_lib.build_arrays(ds, config.data.max_len)
-  stats = data_lib.describe(ds)
-  logging.info("data: %s (%.1f s)", stats, time.time() - t0)
-  mesh = sharding.make_mesh(config.parallel.devices)
-  data = sharding.replicate(device_data(arrays), mesh)
-  N, T = arrays.num_items, arrays.max_len
-  if is_chief():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-
-  model = models.build_model(config.model, N, T)
-  optimizer = make_optimizer(config.train)
-  root = jax.random.PRNGKey(config.seed)
-  init_key, pre_key, adv_key = jax.random.split(root, 3)
-  state = sharding.replicate(init_state(model, optimizer, init_key, T), mesh)
-  if config.eval.item_chunk:
-    ranker = evaluate.make_chunked_ranker(model, N, config.eval.batch_size,
-                                          config.eval.item_chunk, mesh)
-  else:
-    ranker = evaluate.make_ranker(evaluate.model_scores(model), N,
-                                  config.eval.batch_size, mesh)
-  num_train_users = int(data["train_users"].shape[0])
-  if num_train_users == 0:
-    raise data_lib.DataError("No user has two training items to learn from.")
-  results = {"data": stats,
-             "popularity/valid": evaluate.evaluate_popularity(
-                 data, N, config.eval.batch_size, config.eval.ks)}
-
-  # Phase 1: base model.
-  pre_dir = config.train.pretrain_dir or workdir
+  Writes the signature on first use; `reuse=True` (train.pretrain_dir was
+  given) requires it to exist already.
+  """
   sig_path = os.path.join(pre_dir, "pretrain", "signature.json")
   signature = _pretrain_signature(config)
   if os.path.exists(sig_path):
@@ -418,47 +477,134 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             f"{os.path.join(pre_dir, 'pretrain')} was pretrained with another "
             "data/model/train config; use another workdir (or "
             "train.pretrain_dir) for this one.")
-  elif config.train.pretrain_dir:
+  elif reuse:
     raise FileNotFoundError(
-        f"train.pretrain_dir={config.train.pretrain_dir!r} holds no "
-        "pretrain/ phase; run phase 1 there first.")
+        f"train.pretrain_dir={pre_dir!r} holds no pretrain/ phase; run phase "
+        "1 there first.")
   elif is_chief():
     os.makedirs(os.path.dirname(sig_path), exist_ok=True)
     with open(sig_path, "w") as f:
       json.dump(signature, f, indent=1)
 
-  base_cfg = adversarial.method_config("none")
-  epoch_fn, steps = make_train_epoch(
-      adversarial.make_objective(model, base_cfg), optimizer, N,
-      config.train.batch_size, num_train_users, mesh)
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict:
+  """Runs phase 1 and (if adv.epochs > 0) phase 2; returns results.json."""
+  pre = config.train.pretrain_dir
+  return train_runs(config, [workdir], [config.seed],
+                    [pre] if pre else None)[0]
+
+
+def train_runs(config: ml_collections.ConfigDict, workdirs, seeds,
+               pretrain_dirs=None) -> list:
+  """Trains one run per seed, all in one vectorized program (`jax.vmap`).
+
+  Each run gives what `train_and_evaluate` gives for that seed alone (same
+  keys, data order, negatives, selection; equal up to float reordering) and
+  writes the same files under its own workdir, so runs can be resumed, or
+  analysed, one at a time. `config.seed` and `config.train.pretrain_dir` are
+  replaced by `seeds` and `pretrain_dirs` (None: each workdir pretrains).
+  A single run is trained without the run axis.
+
+  Returns:
+    One results dict (as in results.json) per run.
+  """
+  validate_config(config)
+  if len(workdirs) != len(seeds) or len(set(map(os.path.abspath,
+                                                workdirs))) != len(workdirs):
+    raise ValueError(f"Need one distinct workdir per seed; got {workdirs} "
+                     f"for seeds {list(seeds)}.")
+  stacked = len(seeds) > 1
+  reuse = pretrain_dirs is not None
+  pre_dirs = list(pretrain_dirs) if reuse else list(workdirs)
+  for w in workdirs:
+    os.makedirs(w, exist_ok=True)
+  writers = [JsonlWriter(os.path.join(w, "metrics.jsonl")) for w in workdirs]
+
+  t0 = time.time()
+  ds = data_lib.load_from_config(config.data)
+  arrays = data_lib.build_arrays(ds, config.data.max_len)
+  stats = data_lib.describe(ds)
+  logging.info("data: %s (%.1f s)", stats, time.time() - t0)
+  mesh = sharding.make_mesh(config.parallel.devices)
+  data = sharding.replicate(device_data(arrays), mesh)
+  N, T = arrays.num_items, arrays.max_len
+  for w, seed, pre in zip(workdirs, seeds, pre_dirs):
+    c = config.copy_and_resolve_references()
+    c.seed = seed
+    c.train.pretrain_dir = pre if reuse else ""
+    if is_chief():
+      with open(os.path.join(w, "config.json"), "w") as f:
+        f.write(c.to_json_best_effort(indent=1))
+    _check_pretrain(c, pre, reuse)
+
+  model = models.build_model(config.model, N, T)
+  optimizer = make_optimizer(config.train)
+  keys = [jax.random.split(jax.random.PRNGKey(s), 3) for s in seeds]
+  init_keys, pre_keys, adv_keys = ([k[i] for k in keys] for i in range(3))
+  if stacked:
+    state = init_states(model, optimizer, jnp.stack(init_keys), T)
+  else:
+    state = init_state(model, optimizer, init_keys[0], T)
+  state = sharding.replicate(state, mesh)
+  if config.eval.item_chunk:
+    if stacked:
+      raise ValueError("eval.item_chunk is not supported with several runs "
+                       "in one program; train the seeds one at a time.")
+    ranker = evaluate.make_chunked_ranker(model, N, config.eval.batch_size,
+                                          config.eval.item_chunk, mesh)
+  else:
+    ranker = evaluate.make_ranker(evaluate.model_scores(model), N,
+                                  config.eval.batch_size, mesh, runs=stacked)
+  num_train_users = int(data["train_users"].shape[0])
+  if num_train_users == 0:
+    raise data_lib.DataError("No user has two training items to learn from.")
+  popularity = evaluate.evaluate_popularity(data, N, config.eval.batch_size,
+                                            config.eval.ks)
+  results = [{"data": stats, "popularity/valid": popularity} for _ in seeds]
+  one = (lambda x: x) if stacked else (lambda x: x[0])
+  each = (lambda x: x) if stacked else (lambda x: [x])
+
+  def phase(state, name, epochs, objective, pert, out_dirs, phase_keys):
+    epoch_fn, _ = make_train_epoch(objective, optimizer, N,
+                                   config.train.batch_size, num_train_users,
+                                   mesh, runs=stacked)
+    return run_phase(name, state, epochs, epoch_fn, pert, data, ranker,
+                     config, one(out_dirs), one(writers), one(phase_keys),
+                     stacked)
+
+  # Phase 1: base model.
   uniform = (data["train_inputs"] > 0).astype(jnp.float32)
-  logging.info("%d train users, %d steps/epoch, %d items, T=%d, %d devices",
-               num_train_users, steps, N, T, mesh.size)
+  logging.info("%d train users, %d steps/epoch, %d items, T=%d, %d devices, "
+               "%d run(s)", num_train_users,
+               -(-num_train_users // config.train.batch_size), N, T,
+               mesh.size, len(seeds))
   if config.train.epochs > 0:
-    state, results["pretrain"] = run_phase(
-        "pretrain", state, config.train.epochs, epoch_fn, uniform, data,
-        ranker, config, pre_dir, writer, pre_key)
-    _update_json(os.path.join(workdir, "results.json"), "pretrain",
-                 results["pretrain"])
+    state, res = phase(state, "pretrain", config.train.epochs,
+                       adversarial.make_objective(
+                           model, adversarial.method_config("none")),
+                       uniform, pre_dirs, pre_keys)
+    for w, r, x in zip(workdirs, results, each(res)):
+      r["pretrain"] = x
+      _update_json(os.path.join(w, "results.json"), "pretrain", x)
 
   # Phase 2: adversarial method from the phase-1 state.
   if config.adv.epochs > 0:
     method = config.adv.method
-    acfg = adv_config(config)
     t_c = time.time()
     pert = cascade.weights_for_method(data["train_inputs"],
                                       config.train.batch_size, method)
     logging.info("level-1 weights for %s in %.2f s", method, time.time() - t_c)
-    adv_fn, _ = make_train_epoch(adversarial.make_objective(model, acfg),
-                                 optimizer, N, config.train.batch_size,
-                                 num_train_users, mesh)
-    state, results[method] = run_phase(
-        method, state, config.adv.epochs, adv_fn, pert, data, ranker, config,
-        workdir, writer, adv_key)
-    _update_json(os.path.join(workdir, "results.json"), method,
-                 results[method])
-  _update_json(os.path.join(workdir, "results.json"), "data", stats)
-  _update_json(os.path.join(workdir, "results.json"), "popularity/valid",
-               results["popularity/valid"])
-  writer.close()
+    state, res = phase(state, method, config.adv.epochs,
+                       adversarial.make_objective(model, adv_config(config)),
+                       pert, workdirs, adv_keys)
+    for w, r, x in zip(workdirs, results, each(res)):
+      r[method] = x
+      _update_json(os.path.join(w, "results.json"), method, x)
+  for w in workdirs:
+    _update_json(os.path.join(w, "results.json"), "data", stats)
+    _update_json(os.path.join(w, "results.json"), "popularity/valid",
+                 popularity)
+  for wr in writers:
+    wr.close()
   return results

@@ -1,9 +1,13 @@
 """Several runs vectorized in one program give each run's own result."""
 
+import json
+import os
+
 import jax
 import numpy as np
 
 from cat_jax import adversarial, cascade, data, evaluate, models, train
+from cat_jax.experiments import common
 
 
 def test_vmapped_runs_match_runs_trained_alone(make_config):
@@ -52,3 +56,44 @@ def test_vmapped_runs_match_runs_trained_alone(make_config):
   # The runs really are different runs.
   assert np.linalg.norm(finals[0] - finals[1]) > 0.1 * np.linalg.norm(
       finals[0])
+
+
+def _curve(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_runs_match_train_and_evaluate(make_config, tmp_path):
+  """Seeds trained in one vectorized program == each seed trained alone."""
+  config = make_config(**{"train.epochs": 3, "train.eval_every": 1,
+                          "adv.epochs": 2, "adv.method": "cas",
+                          "adv.eps": 0.5})
+  seeds = [0, 1]
+  vec = str(tmp_path / "vec")
+  runs = common.run_variants(config, vec, seeds, {"cas": {}}, vectorize=True)
+  for s in seeds:
+    alone_dir = tmp_path / f"alone{s}"
+    alone = train.train_and_evaluate(
+        common.apply_overrides(config, {"seed": s}), str(alone_dir))
+    # Same files, same validation curve in both phases, same test result.
+    seed_dir = os.path.join(vec, f"seed{s}")
+    pre = _curve(os.path.join(seed_dir, "metrics.jsonl"))
+    cas = _curve(os.path.join(seed_dir, "cas", "metrics.jsonl"))
+    ref = _curve(alone_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in pre + cas] == [r["epoch"] for r in ref]
+    for a, b in zip(pre + cas, ref):
+      for k in ("valid/ndcg@10", "test/ndcg@10", "train/loss"):
+        if k in b:
+          assert abs(a[k] - b[k]) < 0.01, (k, a, b)
+    for k in common.METRICS:
+      assert abs(runs["cas"][s][k] - alone["cas"][k]) < 0.01
+  assert runs["cas"][0] != runs["cas"][1]
+
+  # A finished vectorized sweep is read back, not retrained.
+  mtime = os.path.getmtime(os.path.join(vec, "seed1", "cas", "cas",
+                                        "results.json"))
+  again = common.run_variants(config, vec, seeds, {"cas": {}},
+                              vectorize=True)
+  assert again == runs
+  assert mtime == os.path.getmtime(os.path.join(vec, "seed1", "cas", "cas",
+                                                "results.json"))

@@ -26,9 +26,10 @@ def variants(method: str, eps_values) -> dict:
   return out
 
 
-def run_sweep(config, workdir: str, seeds, method: str, eps_values) -> dict:
+def run_sweep(config, workdir: str, seeds, method: str, eps_values,
+              vectorize: bool = False) -> dict:
   runs = common.run_variants(config, workdir, seeds,
-                             variants(method, eps_values))
+                             variants(method, eps_values), vectorize)
   summary = common.summarize(runs, seeds)
   summary["eps"] = [float(e) for e in eps_values]
   summary["method"] = method
@@ -60,7 +61,7 @@ def main(argv):
   writer.quiet_library_logs()
   F = flags.FLAGS
   summary = run_sweep(F.config, F.workdir, common.split_list(F.seeds, int),
-                      F.method, common.split_list(F.eps, float))
+                      F.method, common.split_list(F.eps, float), F.vectorize)
   md = common.write(F.workdir, "eps_sweep", summary)
   plot(summary, os.path.join(F.workdir, "eps_sweep.png"))
   print(md)

@@ -3,6 +3,12 @@
   python -m cat_jax.experiments.table2 --config=configs/sasrec_video.py \
       --workdir=runs/table2_sasrec_video --seeds=0,1,2 \
       --methods=none,linear,seq,global,cas
+  # Each method at its own eps (e.g. chosen on validation by eps_sweep):
+  python -m cat_jax.experiments.table2 --config=configs/sasrec_video.py \
+      --workdir=runs/table2_sasrec_video --eps=linear=0.1,seq=1,cas=0.1
+  # On an accelerator, train the seeds of each phase together (jax.vmap):
+  python -m cat_jax.experiments.table2 --config=configs/sasrec_video.py \
+      --workdir=runs/table2_sasrec_video --vectorize
   # The cascade ablation (Sec. 5.5):
   python -m cat_jax.experiments.table2 --config=configs/sasrec_video.py \
       --workdir=runs/ablation_sasrec_video --methods=global,cas,cas_temporal,cas_cross
@@ -21,20 +27,54 @@ from cat_jax import writer
 from cat_jax.experiments import common
 
 
-def run_table(config, workdir: str, seeds, methods) -> dict:
-  """Trains every (seed, method) and returns the summary dict."""
-  runs = common.run_variants(config, workdir, seeds,
-                             {m: {"adv.method": m} for m in methods})
-  return common.summarize(runs, seeds)
+def run_table(config, workdir: str, seeds, methods, eps=None,
+              vectorize: bool = False) -> dict:
+  """Trains every (seed, method) and returns the summary dict.
+
+  Args:
+    eps: optional {method: eps}; methods not in it use config.adv.eps.
+  """
+  eps = eps or {}
+  unknown = sorted(set(eps) - set(methods))
+  if unknown:
+    raise ValueError(f"--eps names methods that are not run: {unknown}.")
+  variants = {m: {"adv.method": m, "adv.eps": eps.get(m, config.adv.eps)}
+              for m in methods}
+  summary = common.summarize(
+      common.run_variants(config, workdir, seeds, variants, vectorize), seeds)
+  summary["eps"] = {m: v["adv.eps"] for m, v in variants.items()}
+  return summary
+
+
+def parse_eps(text: str) -> dict:
+  """'linear=0.1,cas=1' -> {'linear': 0.1, 'cas': 1.0}."""
+  out = {}
+  for item in common.split_list(text):
+    method, eq, value = item.partition("=")
+    try:
+      out[method] = float(value)
+    except ValueError:
+      raise ValueError(f"--eps item {item!r} is not method=number.") from None
+    if not eq:
+      raise ValueError(f"--eps item {item!r} is not method=number.")
+  return out
 
 
 def main(argv):
   del argv
   writer.quiet_library_logs()
   F = flags.FLAGS
+  methods = common.split_list(F.methods)
+  try:
+    eps = parse_eps(F.eps)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if set(eps) - set(methods):
+    raise app.UsageError(f"--eps names methods not in --methods: "
+                         f"{sorted(set(eps) - set(methods))}.")
   md = common.write(F.workdir, "table2", run_table(
       F.config, F.workdir, common.split_list(F.seeds, int),
-      common.split_list(F.methods)))
+      methods, eps, F.vectorize))
   logging.info("\n%s", md)
   print(md)
 
@@ -43,6 +83,8 @@ def define_flags():
   common.define_run_flags()
   flags.DEFINE_string("methods", "none,linear,seq,global,cas",
                       "Comma-separated adv.method values.")
+  flags.DEFINE_string("eps", "", "Per-method eps, 'linear=0.1,cas=1'; "
+                      "the others use config.adv.eps.")
 
 
 if __name__ == "__main__":
