@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 1
   # Dropout rate on embeddings, attention and feed-forward layers.
   c.model.dropout = 0.2
+  # Compute dtype of the encoder layers: 'float32' or 'bfloat16' (params,
+  # embeddings, losses, perturbations and ranking scores stay float32).
+  c.model.dtype = "float32"
 
   c.train = ml_collections.ConfigDict()
   # Phase 1: epochs of base training (paper: 500).
@@ -67,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 20
   # Print a progress line every N epochs.
   c.train.log_every = 1
+  # Precision of float32 matrix products (jax.default_matmul_precision):
+  # 'default' (the backend's: TF32 on NVIDIA A100/H100, fp32 on CPU),
+  # 'float32', 'tensorfloat32' or 'bfloat16'.
+  c.train.matmul_precision = "default"
   # Reuse the pretrained phase-1 state from another workdir ('' = this one).
   c.train.pretrain_dir = ""
 

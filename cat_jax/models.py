@@ -6,6 +6,10 @@ The paper (Tan et al., Sec. 3) splits a sequential recommender into
   score(u, j) = <W_u, E_j>                         with the shared item table E.
 Adversarial training perturbs S (level 1) and W, E_pos, E_neg (level 2), so
 `Model` hands out exactly these three functions of (params, ...).
+
+Precision: with `dtype=jnp.bfloat16` the encoder's layers compute in bf16;
+the parameters, the item table, S and the returned W stay float32, so the
+losses, the perturbations and the ranking scores are float32 in any case.
 """
 
 from __future__ import annotations
@@ -27,23 +31,28 @@ class SASRecModule(nn.Module):
   num_blocks: int = 2
   num_heads: int = 1
   dropout: float = 0.2
+  dtype: Any = jnp.float32
 
   def setup(self):
     self.item_emb = nn.Embed(self.num_items + 1, self.hidden,
                              embedding_init=_emb_init, name="item_emb")
     self.pos_emb = nn.Embed(self.max_len, self.hidden,
                             embedding_init=_emb_init, name="pos_emb")
-    self.attn_ln = [nn.LayerNorm(epsilon=1e-8) for _ in range(self.num_blocks)]
+    ln = lambda: nn.LayerNorm(epsilon=1e-8, dtype=self.dtype)
+    self.attn_ln = [ln() for _ in range(self.num_blocks)]
     self.attn = [
         nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads, qkv_features=self.hidden,
-            out_features=self.hidden, dropout_rate=self.dropout)
+            out_features=self.hidden, dropout_rate=self.dropout,
+            dtype=self.dtype)
         for _ in range(self.num_blocks)]
-    self.ffn_ln = [nn.LayerNorm(epsilon=1e-8) for _ in range(self.num_blocks)]
-    self.ffn1 = [nn.Dense(self.hidden) for _ in range(self.num_blocks)]
-    self.ffn2 = [nn.Dense(self.hidden) for _ in range(self.num_blocks)]
+    self.ffn_ln = [ln() for _ in range(self.num_blocks)]
+    self.ffn1 = [nn.Dense(self.hidden, dtype=self.dtype)
+                 for _ in range(self.num_blocks)]
+    self.ffn2 = [nn.Dense(self.hidden, dtype=self.dtype)
+                 for _ in range(self.num_blocks)]
     self.drop = nn.Dropout(self.dropout)
-    self.last_ln = nn.LayerNorm(epsilon=1e-8)
+    self.last_ln = ln()
 
   def embed(self, item_ids):
     return self.item_emb(item_ids)
@@ -54,9 +63,9 @@ class SASRecModule(nn.Module):
   def encode(self, S, mask, train: bool = False):
     det = not train
     T = S.shape[1]
-    m = mask[..., None].astype(S.dtype)
+    m = mask[..., None].astype(self.dtype)
     x = S * (self.hidden ** 0.5) + self.pos_emb(jnp.arange(T))[None]
-    x = self.drop(x, deterministic=det) * m
+    x = self.drop(x.astype(self.dtype), deterministic=det) * m
     # Causal attention that also ignores padding keys (left padding).
     attn_mask = nn.combine_masks(
         nn.make_causal_mask(mask, dtype=jnp.bool_),
@@ -68,7 +77,7 @@ class SASRecModule(nn.Module):
       h = self.drop(nn.relu(self.ffn1[b](x)), deterministic=det)
       x = x + self.drop(self.ffn2[b](h), deterministic=det)
       x = x * m
-    return self.last_ln(x)
+    return self.last_ln(x).astype(S.dtype)
 
   def __call__(self, item_ids, train: bool = False):
     return self.encode(self.embed(item_ids), item_ids > 0, train)
@@ -84,11 +93,12 @@ class GRU4RecModule(nn.Module):
   max_len: int
   hidden: int = 100
   dropout: float = 0.2
+  dtype: Any = jnp.float32
 
   def setup(self):
     self.item_emb = nn.Embed(self.num_items + 1, self.hidden,
                              embedding_init=_emb_init, name="item_emb")
-    self.cell = nn.GRUCell(self.hidden, name="gru")
+    self.cell = nn.GRUCell(self.hidden, dtype=self.dtype, name="gru")
     self.drop = nn.Dropout(self.dropout)
 
   def embed(self, item_ids):
@@ -98,7 +108,7 @@ class GRU4RecModule(nn.Module):
     return self.item_emb.embedding
 
   def encode(self, S, mask, train: bool = False):
-    x = self.drop(S, deterministic=not train)
+    x = self.drop(S, deterministic=not train).astype(self.dtype)
 
     def step(cell, carry, inputs):
       x_t, m_t = inputs
@@ -108,9 +118,9 @@ class GRU4RecModule(nn.Module):
 
     scan = nn.scan(step, variable_broadcast="params",
                    split_rngs={"params": False}, in_axes=1, out_axes=1)
-    carry = jnp.zeros((S.shape[0], self.hidden), S.dtype)
+    carry = jnp.zeros((S.shape[0], self.hidden), self.dtype)
     _, W = scan(self.cell, carry, (x, mask))
-    return W * mask[..., None].astype(W.dtype)
+    return (W * mask[..., None].astype(W.dtype)).astype(S.dtype)
 
   def __call__(self, item_ids, train: bool = False):
     return self.encode(self.embed(item_ids), item_ids > 0, train)
@@ -132,17 +142,24 @@ class Model(NamedTuple):
 
 
 MODELS = ("sasrec", "gru4rec")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_model(cfg, num_items: int, max_len: int) -> Model:
   """Builds `cfg.name` in MODELS from a `config.model` ConfigDict."""
+  name = cfg.get("dtype", "float32")
+  if name not in DTYPES:
+    raise ValueError(f"Unknown model.dtype {name!r}; choose one of "
+                     f"{tuple(DTYPES)}.")
+  dtype = DTYPES[name]
   if cfg.name == "sasrec":
     module = SASRecModule(num_items=num_items, max_len=max_len,
                           hidden=cfg.hidden, num_blocks=cfg.num_blocks,
-                          num_heads=cfg.num_heads, dropout=cfg.dropout)
+                          num_heads=cfg.num_heads, dropout=cfg.dropout,
+                          dtype=dtype)
   elif cfg.name == "gru4rec":
     module = GRU4RecModule(num_items=num_items, max_len=max_len,
-                           hidden=cfg.hidden, dropout=cfg.dropout)
+                           hidden=cfg.hidden, dropout=cfg.dropout, dtype=dtype)
   else:
     raise ValueError(f"Unknown model.name {cfg.name!r}; choose one of {MODELS}.")
   return model_functions(module)

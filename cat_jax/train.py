@@ -13,6 +13,7 @@ phase, for the selected checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -386,12 +387,29 @@ def adv_config(config) -> adversarial.AdvConfig:
                                    a.xi, a.scope)
 
 
+MATMUL_PRECISIONS = ("default", "float32", "tensorfloat32", "bfloat16")
+
+
+def matmul_precision(config):
+  """Context for config.train.matmul_precision (traced code picks it up)."""
+  p = config.train.matmul_precision
+  return (contextlib.nullcontext() if p == "default"
+          else jax.default_matmul_precision(p))
+
+
 def validate_config(config):
   """Fails fast, before any data is read, on values that cannot work."""
   if config.model.name not in models.MODELS:
     raise ValueError(f"Unknown model.name {config.model.name!r}; choose one "
                      f"of {models.MODELS}.")
   adv_config(config)
+  if config.model.dtype not in models.DTYPES:
+    raise ValueError(f"Unknown model.dtype {config.model.dtype!r}; choose "
+                     f"one of {tuple(models.DTYPES)}.")
+  if config.train.matmul_precision not in MATMUL_PRECISIONS:
+    raise ValueError(f"Unknown train.matmul_precision "
+                     f"{config.train.matmul_precision!r}; choose one of "
+                     f"{MATMUL_PRECISIONS}.")
   for name in ("epochs", "batch_size", "eval_every", "log_every"):
     if config.train[name] < (0 if name == "epochs" else 1):
       raise ValueError(f"train.{name} must be positive, got "
@@ -422,6 +440,12 @@ def _pretrain_signature(config) -> dict:
     d.pop(key)
   for key in ("epochs", "eval_every", "log_every", "pretrain_dir"):
     d["train"].pop(key)
+  # Precision knobs at their defaults are left out, so that workdirs written
+  # before these knobs existed stay valid.
+  if d["model"].get("dtype") == "float32":
+    d["model"].pop("dtype")
+  if d["train"].get("matmul_precision") == "default":
+    d["train"].pop("matmul_precision")
   return json.loads(json.dumps(d, default=str))
 
 
@@ -510,6 +534,11 @@ def train_runs(config: ml_collections.ConfigDict, workdirs, seeds,
     One results dict (as in results.json) per run.
   """
   validate_config(config)
+  with matmul_precision(config):
+    return _train_runs(config, workdirs, seeds, pretrain_dirs)
+
+
+def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
   if len(workdirs) != len(seeds) or len(set(map(os.path.abspath,
                                                 workdirs))) != len(workdirs):
     raise ValueError(f"Need one distinct workdir per seed; got {workdirs} "

@@ -93,3 +93,17 @@ def test_unknown_model_is_a_clear_error():
   cfg = ml_collections.ConfigDict(dict(name="bert4rec"))
   with pytest.raises(ValueError, match="Unknown model.name 'bert4rec'"):
     models.build_model(cfg, N, T)
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_bfloat16_encoder_keeps_float32_params_and_outputs(name):
+  model, params = build(name)
+  model16, params16 = build(name, dtype="bfloat16")
+  chex.assert_trees_all_equal_dtypes(params, params16)
+  ids = jnp.array([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]])
+  W = encode_ids(model, params, ids)
+  W16 = encode_ids(model16, params, ids)
+  assert W16.dtype == jnp.float32
+  # bf16 keeps ~3 significant digits: close, but not equal.
+  err = float(jnp.linalg.norm(W16 - W) / jnp.linalg.norm(W))
+  assert 0 < err < 0.05, err

@@ -35,6 +35,20 @@ def test_end_to_end_learns_and_beats_popularity(make_config, tmp_path):
   assert os.path.exists(tmp_path / "config.json")
 
 
+def test_bfloat16_encoder_learns_as_well(make_config, tmp_path):
+  """model.dtype=bfloat16 trains to about the fp32 result (synthetic data)."""
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    config = make_config(**{"train.epochs": 8, "train.eval_every": 4,
+                            "model.dtype": dtype,
+                            "train.matmul_precision": "float32"})
+    runs[dtype] = train.train_and_evaluate(config, str(tmp_path / dtype))
+  pop = runs["float32"]["popularity/valid"]["ndcg@10"]
+  fp32, bf16 = (runs[d]["pretrain"]["test/ndcg@10"] for d in runs)
+  assert bf16 > 1.5 * pop
+  assert abs(bf16 - fp32) < 0.1 * fp32, (fp32, bf16)
+
+
 def test_deterministic_and_resumable(make_config, tmp_path):
   config = make_config(**{"train.epochs": 4})
   a = train.train_and_evaluate(config, str(tmp_path / "a"))
@@ -85,6 +99,9 @@ def test_nan_loss_stops_with_step_and_terms_named(make_config, tmp_path):
     ("model.name", "bert4rec", "Unknown model.name"),
     ("train.batch_size", 0, "train.batch_size must be positive"),
     ("eval.select", "ndcg@7", "eval.select"),
+    ("model.dtype", "float16", "Unknown model.dtype"),
+    ("train.matmul_precision", "fast", "Unknown train.matmul_precision"),
+    ("adv.eval_every", -1, "adv.eval_every must be >= 0"),
 ])
 def test_bad_config_fails_before_training(make_config, tmp_path, key, value,
                                           match):
