@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Score the catalog this many items at a time (0 = all at once); for
   # catalogs whose [batch, items] score matrix does not fit in memory.
   c.eval.item_chunk = 0
+  # With item_chunk: split the catalog, not the users, across the devices
+  # (each scores every user against its share of the items).
+  c.eval.shard_items = False
   # Cut-offs K of NDCG@K and HR@K.
   c.eval.ks = (5, 10, 20)
   # Validation metric for model selection.

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from cat_jax import metrics, sharding
 
@@ -96,16 +97,53 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
 
 
 def make_chunked_ranker(model, num_items: int, batch_size: int,
-                        item_chunk: int, mesh=None):
+                        item_chunk: int, mesh=None, shard_items: bool = False):
   """As `make_ranker` for a model, holding [batch, item_chunk] scores at most.
 
   For catalogs whose [batch_size, N+1] score matrix does not fit: the items
   are scored `item_chunk` at a time and only counts are kept, so memory is
   O(batch_size * item_chunk) whatever N is. The rank is the same pessimistic
   full-ranking rank, 1 + #{candidates j != target : score_j >= score_target}.
+
+  With `shard_items=True` and a mesh of D devices, the catalog is split
+  instead of the users: each device scores every user of the batch against
+  its N/D items (`jax.shard_map`), and the per-device counts are summed
+  (`psum`). Ranks need counts only, so there is no top-k to merge.
   """
-  sharding.check_divisible(batch_size, mesh, "eval.batch_size")
+  n_dev = mesh.size if (shard_items and mesh is not None) else 1
+  if n_dev == 1:
+    sharding.check_divisible(batch_size, mesh, "eval.batch_size")
   n_chunks = -(-(num_items + 1) // item_chunk)
+  n_chunks = -(-n_chunks // n_dev) * n_dev
+
+  def count_chunks(table, W, target_score, t, taken, first_chunk):
+    """#candidates beating the target in table [chunks, item_chunk, d]."""
+    rows = jnp.arange(W.shape[0])[:, None]
+
+    def count(c):
+      start = (first_chunk + c) * item_chunk
+      ids = start + jnp.arange(item_chunk)
+      # History items outside this chunk go to an out-of-range slot.
+      local = jnp.where(taken >= start, taken - start, item_chunk)
+      excluded = jnp.zeros((W.shape[0], item_chunk), jnp.bool_).at[
+          rows, local].set(True, mode="drop")
+      candidate = ((ids >= 1) & (ids <= num_items))[None] & ~excluded & (
+          ids[None] != t[:, None])
+      beats = (W @ table[c].T) >= target_score[:, None]
+      return jnp.sum(beats & candidate, axis=1, dtype=jnp.int32)
+
+    return jnp.sum(jax.lax.map(count, jnp.arange(table.shape[0])), axis=0)
+
+  if n_dev > 1:
+    def per_device(table, *xs):
+      first = jax.lax.axis_index(sharding.AXIS) * table.shape[0]
+      return jax.lax.psum(count_chunks(table, *xs, first), sharding.AXIS)
+
+    counter = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(sharding.AXIS),) + (P(),) * 4,
+        out_specs=P())
+  else:
+    counter = lambda table, *xs: count_chunks(table, *xs, 0)
 
   def ranks(params, inputs, targets, users, extra, history):
     E = model.items(params)
@@ -114,25 +152,12 @@ def make_chunked_ranker(model, num_items: int, batch_size: int,
                       E.dtype)]).reshape(n_chunks, item_chunk, -1)
 
     def one(_, x, t, u, e):
-      x, t, u, e = (sharding.shard_rows(a, mesh) for a in (x, t, u, e))
+      if n_dev == 1:
+        x, t, u, e = (sharding.shard_rows(a, mesh) for a in (x, t, u, e))
       W = user_embeddings(model, params, x)
       target_score = jnp.sum(W * E[t], axis=-1)
       taken = jnp.concatenate([history[u], e[:, None]], axis=1)
-      rows = jnp.arange(x.shape[0])[:, None]
-
-      def count(c):
-        start = c * item_chunk
-        ids = start + jnp.arange(item_chunk)
-        # History items outside this chunk go to an out-of-range slot.
-        local = jnp.where(taken >= start, taken - start, item_chunk)
-        excluded = jnp.zeros((x.shape[0], item_chunk), jnp.bool_).at[
-            rows, local].set(True, mode="drop")
-        candidate = ((ids >= 1) & (ids <= num_items))[None] & ~excluded & (
-            ids[None] != t[:, None])
-        beats = (W @ table[c].T) >= target_score[:, None]
-        return jnp.sum(beats & candidate, axis=1, dtype=jnp.int32)
-
-      return 1 + jnp.sum(jax.lax.map(count, jnp.arange(n_chunks)), axis=0)
+      return 1 + counter(table, W, target_score, t, taken)
 
     return map_batches(one, (inputs, targets, users, extra), batch_size)
 

@@ -410,6 +410,9 @@ def validate_config(config):
     raise ValueError(f"Unknown train.matmul_precision "
                      f"{config.train.matmul_precision!r}; choose one of "
                      f"{MATMUL_PRECISIONS}.")
+  if config.eval.shard_items and not config.eval.item_chunk:
+    raise ValueError("eval.shard_items needs eval.item_chunk > 0 (the items "
+                     "of each device are scored item_chunk at a time).")
   for name in ("epochs", "batch_size", "eval_every", "log_every"):
     if config.train[name] < (0 if name == "epochs" else 1):
       raise ValueError(f"train.{name} must be positive, got "
@@ -581,7 +584,8 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
       raise ValueError("eval.item_chunk is not supported with several runs "
                        "in one program; train the seeds one at a time.")
     ranker = evaluate.make_chunked_ranker(model, N, config.eval.batch_size,
-                                          config.eval.item_chunk, mesh)
+                                          config.eval.item_chunk, mesh,
+                                          config.eval.shard_items)
   else:
     ranker = evaluate.make_ranker(evaluate.model_scores(model), N,
                                   config.eval.batch_size, mesh, runs=stacked)
