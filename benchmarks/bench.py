@@ -3,6 +3,14 @@
   python benchmarks/bench.py                         # ml1m and video shapes
   python benchmarks/bench.py --shapes=ml1m,video,large --repeats=5
   python benchmarks/bench.py --shapes=video --what=epoch_base,eval
+  python benchmarks/bench.py --shapes=ml1m --models=sasrec --what=protocol
+  python benchmarks/bench.py --shapes=video --what=cascade_100m --repeats=3
+
+`epoch_runs` trains `--runs` seeds in one vectorized epoch (compare its
+seconds with `--runs` x epoch_base). `protocol` is a whole run through
+`train.train_runs` (500 + 100 cas epochs, validation every 20, checkpoints,
+test), compilation included, on synthetic Markov data of the shape.
+`cascade_100m` times Eq. 4.11 on 2M random windows x 50 (100M slots).
 
 Each measurement runs once to compile (not timed), then `--repeats` times;
 the median is reported. Data are synthetic with the named shape (users,
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 
 import jax
@@ -28,8 +37,12 @@ SHAPES = {
     "ml1m": (6040, 3416, 165.0, 200),
     "video": (24303, 10672, 9.54, 50),
     "large": (1_000_000, 1_000_000, 12.0, 50),
+    "tiny": (300, 100, 8.0, 10),  # for the tests
 }
-WHAT = ("epoch_base", "epoch_cas", "eval", "cascade")
+WHAT = ("epoch_base", "epoch_cas", "epoch_runs", "eval", "cascade",
+        "cascade_100m", "protocol")
+# Measured once per shape, not per model.
+MODEL_FREE = ("cascade", "cascade_100m")
 
 
 def random_dataset(users: int, items: int, mean_len: float,
@@ -64,8 +77,25 @@ def peak_memory() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
+def protocol_config(name: str, model_name: str, epochs, eval_every: int):
+  """The paper protocol on synthetic Markov data of shape `name`."""
+  users, items, mean_len, T = SHAPES[name]
+  c = config_lib.base_config()
+  c.data.max_len = T
+  c.data.synthetic.num_users = users
+  c.data.synthetic.num_items = items
+  c.data.synthetic.mean_length = mean_len
+  c.model.name = model_name
+  c.train.epochs, c.adv.epochs = epochs
+  c.train.eval_every = eval_every
+  c.train.log_every = max(epochs)
+  c.adv.method, c.adv.eps = "cas", 0.1
+  return c
+
+
 def bench_shape(name: str, what, repeats: int, model_name: str,
-                item_chunk: int = 0):
+                item_chunk: int = 0, runs: int = 3,
+                protocol_epochs=(500, 100)):
   users, items, mean_len, T = SHAPES[name]
   ds = random_dataset(users, items, mean_len)
   arrays = data.build_arrays(ds, T)
@@ -82,7 +112,7 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
           "model": model_name}
 
   for w in what:
-    if w.startswith("epoch_"):
+    if w in ("epoch_base", "epoch_cas"):
       method = "none" if w == "epoch_base" else "cas"
       state = train.init_state(model, opt, jax.random.PRNGKey(0), T)
       epoch, steps = train.make_train_epoch(
@@ -101,6 +131,36 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
       sec, times = timed(run, repeats)
       yield {"name": f"{w}_{model_name}", **base, "seconds": sec,
              "steps_per_s": steps / sec, "runs": times,
+             "peak_bytes": peak_memory()}
+    elif w == "epoch_runs":
+      keys = jax.random.split(jax.random.PRNGKey(0), runs)
+      holder = {"state": train.init_states(model, opt, keys, T), "i": 0}
+      epoch, steps = train.make_train_epoch(
+          adversarial.make_objective(model, adversarial.method_config("none")),
+          opt, items, cfg.train.batch_size, n_train, runs=True)
+      pert = (dd["train_inputs"] > 0).astype(jnp.float32)
+
+      def run():
+        holder["i"] += 1
+        holder["state"], terms = epoch(
+            holder["state"], dd, pert,
+            jax.random.split(jax.random.PRNGKey(holder["i"]), runs))
+        return terms["loss"]
+
+      sec, times = timed(run, repeats)
+      yield {"name": f"epoch_base_x{runs}_{model_name}", **base, "runs": runs,
+             "seconds": sec, "seconds_per_run": sec / runs,
+             "steps_per_s": runs * steps / sec, "times": times,
+             "peak_bytes": peak_memory()}
+    elif w == "protocol":
+      c = protocol_config(name, model_name, protocol_epochs, 20)
+      with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        r = train.train_runs(c, [tmp], [0])[0]
+        sec = time.perf_counter() - t0
+      yield {"name": f"protocol_{model_name}", **base,
+             "epochs": list(protocol_epochs), "eval_every": 20,
+             "seconds": sec, "test_ndcg@10": r["cas"]["test/ndcg@10"],
              "peak_bytes": peak_memory()}
     elif w == "eval":
       params = model.init(jax.random.PRNGKey(0), jnp.ones((1, T), jnp.int32))
@@ -122,18 +182,37 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
       sec, times = timed(lambda: fn(dd["train_inputs"]), repeats)
       yield {"name": "cascade_scores", **base, "seconds": sec,
              "runs": times, "peak_bytes": peak_memory()}
+    elif w == "cascade_100m":
+      W, L, V = 2_000_000, 50, 1_000_000
+      seqs = jax.random.randint(jax.random.PRNGKey(0), (W, L), 0, V + 1)
+      fn = jax.jit(lambda s: cascade.cascade_scores(s, cfg.train.batch_size,
+                                                    num_items=V))
+      sec, times = timed(lambda: fn(seqs), repeats)
+      yield {"name": "cascade_scores_100m", "device": base["device"],
+             "backend": base["backend"], "windows": W, "T": L, "items": V,
+             "seconds": sec, "runs": times, "peak_bytes": peak_memory()}
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shapes", default="ml1m,video")
-  ap.add_argument("--what", default=",".join(WHAT))
+  ap.add_argument("--what", default="epoch_base,epoch_cas,eval,cascade")
   ap.add_argument("--models", default="sasrec,gru4rec")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--item_chunk", type=int, default=0,
                   help="score the catalog this many items at a time (eval)")
+  ap.add_argument("--runs", type=int, default=3,
+                  help="runs trained together by epoch_runs")
+  ap.add_argument("--protocol_epochs", default="500,100",
+                  help="phase-1,phase-2 epochs of the protocol measurement")
   a = ap.parse_args()
   what = [w for w in a.what.split(",") if w]
+  try:
+    protocol = tuple(int(x) for x in a.protocol_epochs.split(","))
+    assert len(protocol) == 2
+  except (ValueError, AssertionError):
+    ap.error(f"--protocol_epochs must be 'phase1,phase2', got "
+             f"{a.protocol_epochs!r}")
   for w in what:
     if w not in WHAT:
       ap.error(f"unknown --what {w!r}; choose from {WHAT}")
@@ -142,8 +221,9 @@ def main():
       ap.error(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
     for i, m in enumerate(a.models.split(",")):
       # Cascade scores do not depend on the model: measure them once.
-      todo = [w for w in what if w != "cascade" or i == 0]
-      for record in bench_shape(shape, todo, a.repeats, m, a.item_chunk):
+      todo = [w for w in what if w not in MODEL_FREE or i == 0]
+      for record in bench_shape(shape, todo, a.repeats, m, a.item_chunk,
+                                a.runs, protocol):
         print(json.dumps(record), flush=True)
 
 
