@@ -70,8 +70,9 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if set(eps) - set(methods):
-    raise app.UsageError(f"--eps names methods not in --methods: "
-                         f"{sorted(set(eps) - set(methods))}.")
+    logging.warning("--eps names methods not in --methods (ignored): %s",
+                    sorted(set(eps) - set(methods)))
+    eps = {m: e for m, e in eps.items() if m in methods}
   md = common.write(F.workdir, "table2", run_table(
       F.config, F.workdir, common.split_list(F.seeds, int),
       methods, eps, F.vectorize))

@@ -1,0 +1,62 @@
+#!/bin/bash
+# The GPU measurements of issues 3-5 as three short device calls; each writes
+# only small JSON/Markdown files to $OUT (checkpoints stay in /tmp there).
+#
+# Prepare here (this machine), once:
+#   echo /.whl/ >> .git/info/exclude      # .data/ is already git-ignored
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#       ml_collections==1.1.0
+#   mkdir -p .data && cp ../shared/data/Video.txt ../shared/data/Beauty.txt .data/
+# Then, through the device tool, with carry [".whl", ".data"]:
+#   bash scripts/gpu_session.sh bench     # ~4 min: benchmarks/RESULTS.md input
+#   bash scripts/gpu_session.sh table2    # ~6 min: Video SASRec, 3 seeds
+#   bash scripts/gpu_session.sh bf16      # ~3 min: bf16 vs fp32 NDCG@10
+# Timing numbers use the machine's own JAX (CUDA plugin); nothing is
+# installed from the network.
+set -uo pipefail
+mode=${1:?usage: gpu_session.sh bench|table2|bf16 [extra flags]}; shift
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} CAT_DATA_DIR=$PWD/.data
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+    > "$OUT/gpu.txt" 2>&1
+python3 -c "import jax; print(jax.__version__, jax.devices())" >> "$OUT/gpu.txt"
+work=/tmp/cat_runs
+keep() {  # copy the small result files of a workdir tree to $OUT
+  (cd "$work" && find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \
+      -o -name '*.png' \) -print0 | xargs -0 -I{} cp --parents {} "$OUT/") ;}
+case $mode in
+  bench)
+    b="python3 benchmarks/bench.py"
+    { $b --shapes=ml1m,video --what=epoch_base,epoch_cas,epoch_runs,eval,cascade
+      $b --shapes=ml1m --models=sasrec,gru4rec --what=protocol --repeats=1
+      $b --shapes=video --models=sasrec --what=cascade_100m --repeats=3
+      $b --shapes=large --models=sasrec --what=eval --item_chunk=65536 \
+          --repeats=1
+    } > "$OUT/bench.jsonl" 2> "$OUT/bench.err"
+    ;;
+  table2)
+    # Paper epochs (500 + 100), eps per method as chosen on validation
+    # (README "Results"), all seeds of a phase in one vmapped program.
+    python3 -m cat_jax.experiments.table2 --config=configs/sasrec_video.py \
+        --workdir=$work/table2_sasrec_video --seeds=0,1,2 --vectorize \
+        --eps=linear=0.1,seq=1,global=0.1,cas=0.1 "$@" \
+        > "$OUT/table2.log" 2>&1
+    keep
+    ;;
+  bf16)
+    for dtype in float32 bfloat16; do
+      python3 launch.py --config=configs/sasrec_video.py \
+          --workdir=$work/precision_$dtype --config.adv.epochs=0 \
+          --config.model.dtype=$dtype --config.train.matmul_precision=float32 \
+          "$@" > "$OUT/precision_$dtype.log" 2>&1
+    done
+    keep
+    ;;
+  *) echo "unknown mode $mode" >&2; exit 2 ;;
+esac
