@@ -47,6 +47,8 @@ class AdvConfig(NamedTuple):
     reading of Eq. 4.7/4.9): each sequence's [T, d] block at level 1, each
     d-vector at level 2. 'batch': the whole batch tensor (B, T, d) at both
     levels, so each row gets about eps / sqrt(B*T).
+  relative: eps is a fraction of the norm of what is perturbed (over the
+    same axes as the perturbation's norm), not an absolute size.
   """
   level1: str = "none"
   level2: bool = False
@@ -55,6 +57,7 @@ class AdvConfig(NamedTuple):
   lambda2: float = 1.0
   xi: float = 1e-3
   scope: str = "row"
+  relative: bool = False
 
 
 SCOPES = ("row", "batch")
@@ -62,7 +65,7 @@ SCOPES = ("row", "batch")
 
 def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
                   lambda2: float = 1.0, xi: float = 1e-3,
-                  scope: str = "row") -> AdvConfig:
+                  scope: str = "row", relative: bool = False) -> AdvConfig:
   """AdvConfig of a named method; raises a clear error on bad values."""
   if method not in METHODS:
     raise ValueError(
@@ -78,7 +81,7 @@ def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
   level2 = method not in ("none", "seq")
   return AdvConfig(level1=level1, level2=level2, eps=float(eps),
                    lambda1=float(lambda1), lambda2=float(lambda2), xi=float(xi),
-                   scope=scope)
+                   scope=scope, relative=bool(relative))
 
 
 def l2_normalize(g: jax.Array, axes) -> jax.Array:
@@ -95,22 +98,37 @@ def safe_norm(x: jax.Array, axis=-1) -> jax.Array:
   return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
-def sequence_perturbation(grad: jax.Array, eps: float,
-                          scope: str = "row") -> jax.Array:
+def _size(eps: float, ref, axes):
+  """eps, or eps * ||ref|| over `axes` when a reference (relative) is given."""
+  if ref is None:
+    return eps
+  sq = jnp.sum(jnp.square(jax.lax.stop_gradient(ref)), axis=axes,
+               keepdims=True)
+  return eps * jnp.sqrt(sq)
+
+
+def sequence_perturbation(grad: jax.Array, eps: float, scope: str = "row",
+                          ref: jax.Array | None = None) -> jax.Array:
   """A = eps * g / ||g||_2 (Eq. 4.6) for g [B, T, d].
 
   The norm is over each sequence's [T, d] block (scope 'row') or over the
-  whole batch (scope 'batch').
+  whole batch (scope 'batch'). With `ref` (the clean S), the size is
+  eps * ||ref|| over the same axes (relative eps).
   """
   axes = (-2, -1) if scope == "row" else None
-  return jax.lax.stop_gradient(eps * l2_normalize(grad, axes=axes))
+  return jax.lax.stop_gradient(_size(eps, ref, axes) *
+                               l2_normalize(grad, axes=axes))
 
 
-def row_perturbation(grad: jax.Array, eps: float,
-                     scope: str = "row") -> jax.Array:
-  """eps * h / ||h||_2 (Eq. 4.9) per d-vector (scope 'row') or per batch."""
+def row_perturbation(grad: jax.Array, eps: float, scope: str = "row",
+                     ref: jax.Array | None = None) -> jax.Array:
+  """eps * h / ||h||_2 (Eq. 4.9) per d-vector (scope 'row') or per batch.
+
+  With `ref`, the size is eps * ||ref|| over the same axes (relative eps).
+  """
   axes = -1 if scope == "row" else None
-  return jax.lax.stop_gradient(eps * l2_normalize(grad, axes=axes))
+  return jax.lax.stop_gradient(_size(eps, ref, axes) *
+                               l2_normalize(grad, axes=axes))
 
 
 def embedding_distance(encode: Callable, S, W, A, pert_w, weights):
@@ -132,7 +150,8 @@ def level1_distance(encode, S, W, pert_w, weights, rng, cfg: AdvConfig):
   S_const = jax.lax.stop_gradient(S)
   g = jax.grad(lambda a: embedding_distance(
       encode, S_const, W_const, a, pert_w, weights))(r)
-  A = sequence_perturbation(g, cfg.eps, cfg.scope)
+  A = sequence_perturbation(g, cfg.eps, cfg.scope,
+                            S if cfg.relative else None)
   return embedding_distance(encode, S, W, A, pert_w, weights), A
 
 
@@ -143,7 +162,8 @@ def level1_bce(encode, S, pos, neg, pert_w, weights, cfg: AdvConfig):
                            weights)
   consts = [jax.lax.stop_gradient(x) for x in (S, pos, neg)]
   g = jax.grad(loss_at)(jnp.zeros_like(S), *consts)
-  A = sequence_perturbation(g, cfg.eps, cfg.scope)
+  A = sequence_perturbation(g, cfg.eps, cfg.scope,
+                            S if cfg.relative else None)
   return loss_at(A, S, pos, neg), A
 
 
@@ -155,7 +175,9 @@ def level2(W, pos, neg, weights, cfg: AdvConfig):
   consts = [jax.lax.stop_gradient(x) for x in (W, pos, neg)]
   grads = jax.grad(lambda w, p, n: losses.bce_loss(w, p, n, weights),
                    argnums=(0, 1, 2))(*consts)
-  dW, dp, dn = (row_perturbation(g, cfg.eps, cfg.scope) for g in grads)
+  dW, dp, dn = (row_perturbation(g, cfg.eps, cfg.scope,
+                                 x if cfg.relative else None)
+                for g, x in zip(grads, consts))
   return losses.bce_loss(W + dW, pos + dp, neg + dn, weights), (dW, dp, dn)
 
 

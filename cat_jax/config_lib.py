@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   # What one eps-sized perturbation covers: 'row' (each sequence at level 1,
   # each embedding at level 2) or 'batch' (the whole batch tensor).
   c.adv.scope = "row"
+  # If True, eps is a fraction of the norm of what is perturbed (each S block
+  # or W/E row, per adv.scope) instead of an absolute size (the paper's).
+  c.adv.relative = False
   # Evaluate (and save) every N phase-2 epochs; 0 = train.eval_every.
   c.adv.eval_every = 0
 

@@ -81,6 +81,34 @@ def test_perturbation_norms_equal_eps_times_weights():
       np.asarray(A), axis=-1), rtol=1e-5)
 
 
+def test_relative_eps_scales_with_the_perturbed_norm():
+  rng = np.random.default_rng(1)
+  g = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(B, T, D)) * 3.0, jnp.float32)
+  A = adversarial.sequence_perturbation(g, 0.2, ref=x)
+  np.testing.assert_allclose(
+      np.linalg.norm(np.asarray(A).reshape(B, -1), axis=1),
+      0.2 * np.linalg.norm(np.asarray(x).reshape(B, -1), axis=1), rtol=1e-5)
+  d = adversarial.row_perturbation(g, 0.5, ref=x)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(d), axis=-1),
+                             0.5 * np.linalg.norm(np.asarray(x), axis=-1),
+                             rtol=1e-5)
+  # Through adv_step: the level-2 pushes are eps * ||W|| and eps * ||E||.
+  p, ids, tg, ng, mask, w, pert = toy_problem()
+  cfg = adversarial.method_config("cas", eps=0.3, relative=True)
+  W = toy_encoder(p, p["E"][ids], mask)
+  _, (dW, dp, _) = adversarial.level2(W, p["E"][tg], p["E"][ng], w, cfg)
+  nz = np.linalg.norm(np.asarray(dW), axis=-1) > 0
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(dW), axis=-1)[nz],
+                             0.3 * np.linalg.norm(np.asarray(W), axis=-1)[nz],
+                             rtol=1e-5)
+  # (Steps with weight 0 have a zero gradient and get no push.)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(dp), axis=-1)[nz],
+                             0.3 * np.linalg.norm(np.asarray(p["E"][tg]),
+                                                  axis=-1)[nz], rtol=1e-5)
+  assert nz.sum() == int(np.asarray(w).sum())
+
+
 def test_level1_search_beats_a_random_direction():
   p, ids, tg, ng, mask, w, pert = toy_problem(3)
   S = p["E"][ids]
