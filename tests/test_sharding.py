@@ -106,3 +106,16 @@ def test_clear_errors():
     sharding.make_mesh(9)
   with pytest.raises(ValueError, match="must be a multiple of the 8"):
     sharding.check_divisible(100, sharding.make_mesh(8), "eval.batch_size")
+
+
+def test_vectorized_runs_on_a_data_parallel_mesh(make_config, tmp_path):
+  """Seeds stacked with vmap and batches split over 2 devices: same result."""
+  results = {}
+  for n in (1, 2):
+    config = make_config(**{"parallel.devices": n, "train.epochs": 2,
+                            "train.eval_every": 2})
+    runs = train.train_runs(config, [str(tmp_path / f"{n}_{s}")
+                                     for s in (0, 1)], [0, 1])
+    results[n] = [r["pretrain"]["valid/ndcg@10"] for r in runs]
+  np.testing.assert_allclose(results[1], results[2], atol=2e-3)
+  assert results[1][0] != results[1][1]

@@ -8,6 +8,7 @@ variant trained from it. Everything resumes from checkpoints.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from cat_jax import stats, train
@@ -88,7 +89,9 @@ def to_markdown(summary: dict) -> str:
   head = ("| variant | NDCG@10 | % vs none | p vs none | p vs global | HR@10 |"
           " % vs none |\n|---|---|---|---|---|---|---|")
   lines = [head]
-  fmt_p = lambda d: "" if d is None else f"{d['p']:.3f}"
+  # No p-value without a spread (one seed): an empty cell, not 'nan'.
+  fmt_p = lambda d: "" if d is None or not math.isfinite(d["p"]) else \
+      f"{d['p']:.3f}"
   eps = summary.get("eps", {})
   for name, row in summary["rows"].items():
     n, h = row["test/ndcg@10"], row["test/hr@10"]
