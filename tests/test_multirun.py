@@ -97,3 +97,19 @@ def test_train_runs_match_train_and_evaluate(make_config, tmp_path):
   assert again == runs
   assert mtime == os.path.getmtime(os.path.join(vec, "seed1", "cas", "cas",
                                                 "results.json"))
+
+
+def test_vectorized_sweep_extends_a_sequential_one(make_config, tmp_path):
+  """Seed 0 trained alone before; --vectorize then adds seeds 1 and 2."""
+  config = make_config(**{"train.epochs": 2, "train.eval_every": 2,
+                          "adv.epochs": 1, "adv.method": "none"})
+  w = str(tmp_path)
+  first = common.run_variants(config, w, [0], {"none": {}})
+  mtime = os.path.getmtime(os.path.join(w, "seed0", "none", "none",
+                                        "results.json"))
+  runs = common.run_variants(config, w, [0, 1, 2], {"none": {}},
+                             vectorize=True)
+  assert runs["none"][0] == first["none"][0]
+  assert mtime == os.path.getmtime(os.path.join(w, "seed0", "none", "none",
+                                                "results.json"))
+  assert len({runs["none"][s]["test/ndcg@10"] for s in (0, 1, 2)}) == 3

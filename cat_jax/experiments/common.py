@@ -45,19 +45,33 @@ def run_variants(config, workdir: str, seeds, variants: dict,
   seeds = list(seeds)
   seed_dirs = [os.path.join(workdir, f"seed{s}") for s in seeds]
   runs = {name: {} for name in variants}
-  groups = [[i] for i in range(len(seeds))]
-  if vectorize:
-    groups = [list(range(len(seeds)))]
-  for g in groups:
-    train.train_runs(apply_overrides(config, {"adv.epochs": 0}),
-                     [seed_dirs[i] for i in g], [seeds[i] for i in g])
+
+  def train_group(c, idx, sub, phase, reuse):
+    """Seeds `idx` of one phase. Finished runs are read back one at a time,
+    so that a vectorized sweep can extend one that was partly run before."""
+    dirs = [os.path.join(seed_dirs[i], sub) for i in idx]
+    done = [j for j, d in enumerate(dirs)
+            if os.path.exists(os.path.join(d, phase, "results.json"))]
+    todo = [j for j in range(len(idx)) if j not in done]
+    out = {}
+    for g in [[j] for j in done] + ([todo] if todo else []):
+      res = train.train_runs(c, [dirs[j] for j in g],
+                             [seeds[idx[j]] for j in g],
+                             [seed_dirs[idx[j]] for j in g] if reuse else None)
+      out.update({seeds[idx[j]]: r for j, r in zip(g, res)})
+    return out
+
+  # Sequentially each seed is finished before the next; vectorized, each
+  # phase of all seeds is one program.
+  for idx in ([list(range(len(seeds)))] if vectorize else
+              [[i] for i in range(len(seeds))]):
+    train_group(apply_overrides(config, {"adv.epochs": 0}), idx, "",
+                "pretrain", reuse=False)
     for name, overrides in variants.items():
       c = apply_overrides(config, overrides)
-      res = train.train_runs(c, [os.path.join(seed_dirs[i], name) for i in g],
-                             [seeds[i] for i in g],
-                             [seed_dirs[i] for i in g])
-      for i, r in zip(g, res):
-        runs[name][seeds[i]] = {k: r[c.adv.method][k] for k in METRICS}
+      for seed, r in train_group(c, idx, name, c.adv.method,
+                                 reuse=True).items():
+        runs[name][seed] = {k: r[c.adv.method][k] for k in METRICS}
   return runs
 
 
