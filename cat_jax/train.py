@@ -14,6 +14,7 @@ phase, for the selected checkpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -130,9 +131,17 @@ def make_train_epoch(objective, optimizer, num_items: int, batch_size: int,
 
 
 def _manager(path: str) -> ocp.CheckpointManager:
+  path = os.path.abspath(path)
+  # Multi-process saves meet at barriers named after the step; `latest` and
+  # `best` save the same step concurrently, so each manager needs its own
+  # barrier prefix (else: "Barrier _async_write_complete.<step> is already
+  # ongoing" and a hang).
+  prefix = hashlib.sha1(path.encode()).hexdigest()[:12]
   return ocp.CheckpointManager(
-      os.path.abspath(path),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+      path, options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=prefix)))
 
 
 def restore(manager: ocp.CheckpointManager, target: TrainState,
