@@ -79,3 +79,13 @@ def test_runners_end_to_end(make_config, tmp_path):
   with pytest.raises(FileNotFoundError, match="train phase 'linear'"):
     robustness_runner.run(config, str(tmp_path / "seed0"), ["linear"],
                           "random")
+
+
+def test_table2_per_method_eps():
+  assert table2.parse_eps("linear=0.1,cas=1") == {"linear": 0.1, "cas": 1.0}
+  assert table2.parse_eps("") == {}
+  for bad in ("cas", "cas=big"):
+    with pytest.raises(ValueError, match="method=number"):
+      table2.parse_eps(bad)
+  with pytest.raises(ValueError, match="not run"):
+    table2.run_table(None, "unused", [0], ["none"], {"cas": 1.0})
