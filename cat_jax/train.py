@@ -313,18 +313,19 @@ def _resume(runs: _Runs, state):
 
 
 def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
-              data: dict, ranker, config, workdir, writer, root_key,
+              data: dict, ranker, config, workdirs, writers, root_keys,
               stacked: bool = False):
   """Trains `epochs` epochs (resuming), selects on validation, tests once.
 
-  Returns (final state, results dict of this phase). With `stacked=True`,
-  `state` has a leading run axis R (an `epoch_fn` and `ranker` built with
-  `runs=True`), `workdir`, `writer` and `root_key` are length-R lists, each run
-  is selected and tested on its own, and the results are a list.
+  `workdirs`, `writers` and `root_keys` hold one entry per run. With one run
+  and `stacked=False`, `state` has no run axis; with `stacked=True` it has a
+  leading run axis R (an `epoch_fn` and `ranker` built with `runs=True`).
+  Each run is selected and tested on its own.
+
+  Returns (final state, [results dict of this phase, one per run]).
   """
   select = config.eval.select
-  runs = _Runs(phase, *((workdir, writer, root_key) if stacked else
-                        ([workdir], [writer], [root_key])), stacked, select)
+  runs = _Runs(phase, workdirs, writers, root_keys, stacked, select)
   results_paths = [os.path.join(p, "results.json") for p in runs.pdirs]
   try:
     state, start = _resume(runs, state)
@@ -333,7 +334,7 @@ def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
       for path in results_paths:
         with open(path) as f:
           out.append(json.load(f))
-      return state, out if stacked else out[0]
+      return state, out
 
     def validate(params):
       r = np.asarray(ranker(params, *evaluate.split_inputs(data, "valid"),
@@ -380,7 +381,7 @@ def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
                    info["epoch"],
                    " ".join(f"{k}={v:.4f}" for k, v in test.items()))
       out.append(results)
-    return state, out if stacked else out[0]
+    return state, out
   finally:
     runs.close()
 
@@ -604,16 +605,12 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
   popularity = evaluate.evaluate_popularity(data, N, config.eval.batch_size,
                                             config.eval.ks)
   results = [{"data": stats, "popularity/valid": popularity} for _ in seeds]
-  one = (lambda x: x) if stacked else (lambda x: x[0])
-  each = (lambda x: x) if stacked else (lambda x: [x])
-
   def phase(state, name, epochs, objective, pert, out_dirs, phase_keys):
     epoch_fn, _ = make_train_epoch(objective, optimizer, N,
                                    config.train.batch_size, num_train_users,
                                    mesh, runs=stacked)
     return run_phase(name, state, epochs, epoch_fn, pert, data, ranker,
-                     config, one(out_dirs), one(writers), one(phase_keys),
-                     stacked)
+                     config, out_dirs, writers, phase_keys, stacked)
 
   # Phase 1: base model.
   uniform = (data["train_inputs"] > 0).astype(jnp.float32)
@@ -626,7 +623,7 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
                        adversarial.make_objective(
                            model, adversarial.method_config("none")),
                        uniform, pre_dirs, pre_keys)
-    for w, r, x in zip(workdirs, results, each(res)):
+    for w, r, x in zip(workdirs, results, res):
       r["pretrain"] = x
       _update_json(os.path.join(w, "results.json"), "pretrain", x)
 
@@ -640,7 +637,7 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
     state, res = phase(state, method, config.adv.epochs,
                        adversarial.make_objective(model, adv_config(config)),
                        pert, workdirs, adv_keys)
-    for w, r, x in zip(workdirs, results, each(res)):
+    for w, r, x in zip(workdirs, results, res):
       r[method] = x
       _update_json(os.path.join(w, "results.json"), method, x)
   for w in workdirs:
