@@ -382,43 +382,98 @@ class Arrays:
     return self.train_inputs.shape[1]
 
 
-def build_arrays(ds: Dataset, max_len: int) -> Arrays:
-  """Leave-one-out split and left-padded windows of the last `max_len` items.
-
-  The training window of a user is the last max_len+1 training items: inputs
-  are its first max_len, targets its last max_len (the SASRec convention).
-  """
-  if max_len < 1:
-    raise ValueError(f"max_len must be >= 1, got {max_len}")
-  U, T, N = ds.num_users, max_len, ds.num_items
-  splits = [split(s) for s in ds.sequences]
-  H = max(1, max(len(tr) for tr, _, _ in splits))
-  train_inputs = np.zeros((U, T), np.int32)
-  train_targets = np.zeros((U, T), np.int32)
-  history = np.full((U, H), N + 1, np.int32)
-  eval_users, vin, vt, tin, tt = [], [], [], [], []
-  for u, (tr, v, te) in enumerate(splits):
-    if len(tr) == N:
+def check_users(ds: Dataset):
+  """Raises DataError if some user leaves no item to sample as a negative."""
+  for u, seq in enumerate(ds.sequences):
+    if len(split(seq)[0]) == ds.num_items:
       raise DataError(
           f"user {ds.user_ids[u]} has interacted with every item: no negative "
           "item can be sampled for it; drop it (e.g. with k-core filtering).")
+
+
+def history_width(ds: Dataset) -> int:
+  """H: the longest training history (at least 1)."""
+  return max(1, max((len(split(s)[0]) for s in ds.sequences), default=0))
+
+
+def train_user_index(ds: Dataset) -> np.ndarray:
+  """[U_train] int32: users with at least one training target (2+ items)."""
+  return np.asarray([u for u, s in enumerate(ds.sequences)
+                     if len(split(s)[0]) >= 2], np.int32)
+
+
+def eval_user_index(ds: Dataset) -> np.ndarray:
+  """[E] int32: users with a validation and a test item."""
+  return np.asarray([u for u, s in enumerate(ds.sequences)
+                     if split(s)[1]], np.int32)
+
+
+def train_rows(ds: Dataset, users: np.ndarray, max_len: int, width: int):
+  """Training windows and histories of some users (rows of `build_arrays`).
+
+  The training window of a user is the last max_len+1 training items: inputs
+  are its first max_len, targets its last max_len (the SASRec convention).
+
+  Args:
+    users: [n] user indices; an index outside 0..U-1 gives an empty row
+      (no inputs, no targets, no history), used to pad sharded tables.
+    width: H, the history width (`history_width(ds)`).
+
+  Returns:
+    (inputs [n, T], targets [n, T], history [n, H]) int32.
+  """
+  T, N = max_len, ds.num_items
+  inputs = np.zeros((len(users), T), np.int32)
+  targets = np.zeros((len(users), T), np.int32)
+  history = np.full((len(users), width), N + 1, np.int32)
+  for r, u in enumerate(users):
+    if not 0 <= u < ds.num_users:
+      continue
+    tr = split(ds.sequences[u])[0]
     window = tr[-(T + 1):]
-    train_inputs[u] = left_pad(window[:-1], T)
-    train_targets[u] = left_pad(window[1:], T)
-    history[u, :len(tr)] = np.sort(tr)
-    if v:
-      eval_users.append(u)
-      vin.append(left_pad(tr, T))
-      vt.append(v)
-      tin.append(left_pad(np.append(tr, v), T))
-      tt.append(te)
-  as_int = lambda x, shape: np.asarray(x, np.int32).reshape(shape)
-  E = len(eval_users)
+    inputs[r] = left_pad(window[:-1], T)
+    targets[r] = left_pad(window[1:], T)
+    history[r, :len(tr)] = np.sort(tr)
+  return inputs, targets, history
+
+
+def eval_rows(ds: Dataset, users: np.ndarray, max_len: int):
+  """Validation and test inputs and targets of some users with both items.
+
+  Args:
+    users: [n] user indices from `eval_user_index`; -1 gives an empty row
+      (target 0, which evaluation skips), used to pad sharded tables.
+
+  Returns:
+    (valid_inputs [n, T], valid_targets [n], test_inputs [n, T],
+    test_targets [n]) int32; the validation item is the last test input.
+  """
+  n, T = len(users), max_len
+  vin, tin = np.zeros((n, T), np.int32), np.zeros((n, T), np.int32)
+  vt, tt = np.zeros(n, np.int32), np.zeros(n, np.int32)
+  for r, u in enumerate(users):
+    if u < 0:
+      continue
+    tr, vt[r], tt[r] = split(ds.sequences[u])
+    vin[r] = left_pad(tr, T)
+    tin[r] = left_pad(np.append(tr, vt[r]), T)
+  return vin, vt, tin, tt
+
+
+def build_arrays(ds: Dataset, max_len: int) -> Arrays:
+  """Leave-one-out split and left-padded windows of the last `max_len` items,
+  for every user (see `train_rows` and `eval_rows`)."""
+  if max_len < 1:
+    raise ValueError(f"max_len must be >= 1, got {max_len}")
+  check_users(ds)
+  inputs, targets, history = train_rows(
+      ds, np.arange(ds.num_users), max_len, history_width(ds))
+  eval_users = eval_user_index(ds)
+  vin, vt, tin, tt = eval_rows(ds, eval_users, max_len)
   return Arrays(
-      train_inputs=train_inputs, train_targets=train_targets, history=history,
-      eval_users=as_int(eval_users, (E,)), valid_inputs=as_int(vin, (E, T)),
-      valid_targets=as_int(vt, (E,)), test_inputs=as_int(tin, (E, T)),
-      test_targets=as_int(tt, (E,)), num_items=N)
+      train_inputs=inputs, train_targets=targets, history=history,
+      eval_users=eval_users, valid_inputs=vin, valid_targets=vt,
+      test_inputs=tin, test_targets=tt, num_items=ds.num_items)
 
 
 def describe(ds: Dataset) -> dict:
