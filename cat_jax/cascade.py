@@ -27,8 +27,8 @@ def _position_values(seqs: jax.Array) -> jax.Array:
 
 
 def cascade_scores(seqs: jax.Array, batch_size: int, *, temporal: bool = True,
-                   cross: bool = True, num_items: int | None = None
-                   ) -> jax.Array:
+                   cross: bool = True, num_items: int | None = None,
+                   num_users: int | None = None) -> jax.Array:
   """Eq. 4.11 for every interaction of the training windows.
 
   Args:
@@ -39,6 +39,8 @@ def cascade_scores(seqs: jax.Array, batch_size: int, *, temporal: bool = True,
     cross: keep the cross-user term; else C = 1 + T - t.
     num_items: N (items are 1..N); defaults to seqs.max(), which needs a
       concrete array (pass it under `jit`).
+    num_users: m of the b/m factor; defaults to the number of rows. Pass it
+      when `seqs` has extra empty rows (tables padded for sharding).
 
   Returns:
     [m, T] float32, 0 at padding.
@@ -72,7 +74,7 @@ def cascade_scores(seqs: jax.Array, batch_size: int, *, temporal: bool = True,
     own_sorted = run_sum[run_id]
     own = jnp.zeros_like(p).at[jnp.arange(m)[:, None], order].set(own_sorted)
     others = per_item[seqs] - own
-    cross_term = (batch_size / m) * others
+    cross_term = (batch_size / (num_users or m)) * others
   else:
     cross_term = 0.0
   base = p if temporal else 1.0
@@ -97,8 +99,13 @@ def perturbation_weights(C: jax.Array, mask: jax.Array) -> jax.Array:
   return inv * (jnp.sum(mask) / jnp.maximum(jnp.sum(inv), 1e-30))
 
 
-def weights_for_method(seqs, batch_size: int, method: str):
-  """[m, T] level-1 weights of a training method (see adversarial.METHODS)."""
+def weights_for_method(seqs, batch_size: int, method: str,
+                       num_users: int | None = None):
+  """[m, T] level-1 weights of a training method (see adversarial.METHODS).
+
+  `num_users` is m of Eq. 4.11 when `seqs` has padding rows (see
+  `cascade_scores`).
+  """
   seqs = jnp.asarray(seqs)
   mask = seqs > 0
   variants = {"cas": (True, True), "cas_temporal": (True, False),
@@ -107,5 +114,5 @@ def weights_for_method(seqs, batch_size: int, method: str):
     return mask.astype(jnp.float32)  # uniform
   temporal, cross = variants[method]
   C = cascade_scores(seqs, batch_size, temporal=temporal, cross=cross,
-                     num_items=int(jnp.max(seqs)))
+                     num_items=int(jnp.max(seqs)), num_users=num_users)
   return perturbation_weights(C, mask)

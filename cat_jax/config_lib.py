@@ -101,6 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel = ml_collections.ConfigDict()
   # Devices to split each batch over (data parallel); 0 = all visible.
   c.parallel.devices = 0
+  # Split the user tables (windows, histories) by rows over the devices
+  # instead of copying them to each; on several hosts each process then
+  # builds only its devices' rows. Same results, less memory per device.
+  c.parallel.shard_data = False
 
   c.eval = ml_collections.ConfigDict()
   # Users per evaluation batch (results do not depend on it).

@@ -78,8 +78,10 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
     extra: [E] one more item to exclude (the validation item when testing).
     history: [U, H] training histories (sorted, padded with N+1).
 
-  With a `mesh`, the users of each batch are split across its devices. With
-  `runs=True`, params carry a leading run axis and ranks are [R, E].
+  With a `mesh`, the users of each batch are split across its devices and
+  the ranks come back replicated (readable on every host). With `runs=True`,
+  params carry a leading run axis and ranks are [R, E]. Rows whose target is
+  0 (padding of sharded tables) get rank 0, which `summarize` skips.
   """
   sharding.check_divisible(batch_size, mesh, "eval.batch_size")
 
@@ -87,13 +89,24 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
     def one(_, *xs):
       x, t, u, e = (sharding.shard_rows(a, mesh) for a in xs)
       exclude = history_mask(history[u], e, num_items)
-      return metrics.target_rank(score_fn(params, x), t, exclude)
+      return _skip_padding(
+          metrics.target_rank(score_fn(params, x), t, exclude), t)
 
     return map_batches(one, (inputs, targets, users, extra), batch_size)
 
   if runs:
-    return jax.jit(jax.vmap(ranks, in_axes=(0,) + (None,) * 5))
-  return jax.jit(ranks)
+    ranks = jax.vmap(ranks, in_axes=(0,) + (None,) * 5)
+  return _jit_replicated(ranks, mesh)
+
+
+def _skip_padding(ranks, targets):
+  return jnp.where(targets > 0, ranks, 0)
+
+
+def _jit_replicated(fn, mesh):
+  if mesh is None:
+    return jax.jit(fn)
+  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
 
 
 def make_chunked_ranker(model, num_items: int, batch_size: int,
@@ -157,16 +170,20 @@ def make_chunked_ranker(model, num_items: int, batch_size: int,
       W = user_embeddings(model, params, x)
       target_score = jnp.sum(W * E[t], axis=-1)
       taken = jnp.concatenate([history[u], e[:, None]], axis=1)
-      return 1 + counter(table, W, target_score, t, taken)
+      return _skip_padding(1 + counter(table, W, target_score, t, taken), t)
 
     return map_batches(one, (inputs, targets, users, extra), batch_size)
 
-  return jax.jit(ranks)
+  return _jit_replicated(ranks, mesh)
 
 
 def summarize(ranks: np.ndarray, ks: Sequence[int]) -> dict:
-  """Means of hr@K, ndcg@K, mrr over users, from 1-based ranks (float64)."""
+  """Means of hr@K, ndcg@K, mrr over users, from 1-based ranks (float64).
+
+  Ranks of 0 mark padding rows (no target) and are left out.
+  """
   r = np.asarray(ranks, np.float64)
+  r = r[r > 0]
   n = max(len(r), 1)
   out = {}
   for k in ks:
@@ -195,18 +212,22 @@ def _popularity_scores(counts, inputs):
   return jnp.broadcast_to(counts, (inputs.shape[0], counts.shape[0]))
 
 
-def popularity_counts(history: np.ndarray, num_items: int) -> np.ndarray:
-  """[N+1] training-interaction counts per item (the popularity ranker)."""
-  items = history[history <= num_items].ravel()
-  counts = np.bincount(items, minlength=num_items + 1).astype(np.float32)
-  counts[0] = 0
-  return counts
+def popularity_counts(history: jax.Array, num_items: int) -> jax.Array:
+  """[N+1] training-interaction counts per item (the popularity ranker).
+
+  Computed on the device, so that it also works on history tables sharded
+  over several hosts; the sentinel N+1 and padding 0 are not counted.
+  """
+  counts = jnp.zeros(num_items + 2, jnp.float32).at[history.ravel()].add(1.0)
+  return counts[:num_items + 1].at[0].set(0.0)
 
 
 def evaluate_popularity(data: dict, num_items: int, batch_size: int,
-                        ks: Sequence[int], split: str = "valid") -> dict:
+                        ks: Sequence[int], split: str = "valid",
+                        mesh=None) -> dict:
   """Metrics of ranking by training popularity (a sanity baseline)."""
-  counts = popularity_counts(np.asarray(data["history"]), num_items)
-  ranker = make_ranker(_popularity_scores, num_items, batch_size)
-  r = ranker(jnp.asarray(counts), *split_inputs(data, split), data["history"])
+  counts = jax.jit(popularity_counts, static_argnums=1)(
+      data["history"], num_items)
+  ranker = make_ranker(_popularity_scores, num_items, batch_size, mesh)
+  r = ranker(counts, *split_inputs(data, split), data["history"])
   return summarize(np.asarray(r), ks)

@@ -69,6 +69,60 @@ def device_data(arrays: data_lib.Arrays) -> dict:
   return d
 
 
+def sharded_device_data(ds: data_lib.Dataset, max_len: int, mesh) -> dict:
+  """The tables of `device_data`, split by rows (users) over `mesh`.
+
+  Each device holds 1/D of the user tables (training windows, histories,
+  evaluation windows), and each process builds only the rows of its own
+  devices: on several hosts no process holds every user's padded tables.
+  Only `train_users` (one int per user) is replicated. Tables are padded to a
+  multiple of the device count with empty rows: no training target, and an
+  evaluation target of 0, which evaluation skips. Under `jit`, XLA gathers a
+  batch from the sharded tables with a masked local gather and a sum, so
+  results equal those of replicated tables.
+  """
+  data_lib.check_users(ds)
+  n = mesh.size
+  pad = lambda k: max(n, -(-k // n) * n)
+  U, T, H = ds.num_users, max_len, data_lib.history_width(ds)
+  eval_users = data_lib.eval_user_index(ds)
+  E = len(eval_users)
+  eval_users = np.concatenate(
+      [eval_users, np.full(pad(E) - E, -1, np.int32)])
+  cache = {}
+
+  def rows_of(kind, index):
+    sl = index[0]
+    key = (kind, sl.start, sl.stop)
+    if key not in cache:  # one build per device slice, shared by its tables
+      if kind == "train":
+        cache[key] = data_lib.train_rows(ds, np.arange(pad(U))[sl], T, H)
+      else:
+        cache[key] = data_lib.eval_rows(ds, eval_users[sl], T)
+    return cache[key]
+
+  def table(kind, i, shape):
+    return jax.make_array_from_callback(
+        shape, sharding.rows(mesh), lambda index: rows_of(kind, index)[i])
+
+  d = {"train_inputs": table("train", 0, (pad(U), T)),
+       "train_targets": table("train", 1, (pad(U), T)),
+       "history": table("train", 2, (pad(U), H)),
+       "valid_inputs": table("eval", 0, (pad(E), T)),
+       "valid_targets": table("eval", 1, (pad(E),)),
+       "test_inputs": table("eval", 2, (pad(E), T)),
+       "test_targets": table("eval", 3, (pad(E),))}
+  d["eval_users"] = jax.make_array_from_callback(
+      (pad(E),), sharding.rows(mesh),
+      lambda index: np.maximum(eval_users[index[0]], 0))
+  d["train_users"] = sharding.replicate(
+      jnp.asarray(data_lib.train_user_index(ds)), mesh)
+  built = sum(k[2] - k[1] for k in cache if k[0] == "train")
+  logging.info("process %d built %d of %d user rows (row-sharded tables)",
+               jax.process_index(), built, pad(U))
+  return d
+
+
 def make_train_epoch(objective, optimizer, num_items: int, batch_size: int,
                      num_train_users: int, mesh=None, runs: bool = False):
   """Jitted `epoch(state, data, pert, key) -> (state, terms)`.
@@ -565,12 +619,15 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
 
   t0 = time.time()
   ds = data_lib.load_from_config(config.data)
-  arrays = data_lib.build_arrays(ds, config.data.max_len)
   stats = data_lib.describe(ds)
-  logging.info("data: %s (%.1f s)", stats, time.time() - t0)
   mesh = sharding.make_mesh(config.parallel.devices)
-  data = sharding.replicate(device_data(arrays), mesh)
-  N, T = arrays.num_items, arrays.max_len
+  if config.parallel.shard_data:
+    data = sharded_device_data(ds, config.data.max_len, mesh)
+  else:
+    data = sharding.replicate(
+        device_data(data_lib.build_arrays(ds, config.data.max_len)), mesh)
+  logging.info("data: %s (%.1f s)", stats, time.time() - t0)
+  N, T = ds.num_items, config.data.max_len
   for w, seed, pre in zip(workdirs, seeds, pre_dirs):
     c = config.copy_and_resolve_references()
     c.seed = seed
@@ -603,7 +660,7 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
   if num_train_users == 0:
     raise data_lib.DataError("No user has two training items to learn from.")
   popularity = evaluate.evaluate_popularity(data, N, config.eval.batch_size,
-                                            config.eval.ks)
+                                            config.eval.ks, mesh=mesh)
   results = [{"data": stats, "popularity/valid": popularity} for _ in seeds]
   def phase(state, name, epochs, objective, pert, out_dirs, phase_keys):
     epoch_fn, _ = make_train_epoch(objective, optimizer, N,
@@ -632,7 +689,8 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
     method = config.adv.method
     t_c = time.time()
     pert = cascade.weights_for_method(data["train_inputs"],
-                                      config.train.batch_size, method)
+                                      config.train.batch_size, method,
+                                      num_users=ds.num_users)
     logging.info("level-1 weights for %s in %.2f s", method, time.time() - t_c)
     state, res = phase(state, method, config.adv.epochs,
                        adversarial.make_objective(model, adv_config(config)),

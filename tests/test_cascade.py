@@ -48,6 +48,22 @@ def test_matches_brute_force(temporal, cross):
   assert (got[seqs == 0] == 0).all()
 
 
+def test_padding_rows_do_not_change_the_scores_given_num_users():
+  """Tables padded with empty rows (for sharding) keep Eq. 4.11's m."""
+  rng = np.random.default_rng(2)
+  seqs = random_windows(rng, 13, 7, 9)
+  padded = np.concatenate([seqs, np.zeros((3, 7), np.int32)])
+  want = brute_force(seqs, 4)
+  got = np.asarray(cascade.cascade_scores(jnp.asarray(padded), 4,
+                                          num_users=13))
+  np.testing.assert_allclose(got[:13], want, rtol=1e-5)
+  assert (got[13:] == 0).all()
+  w = cascade.weights_for_method(jnp.asarray(seqs), 4, "cas")
+  w_pad = cascade.weights_for_method(jnp.asarray(padded), 4, "cas",
+                                     num_users=13)
+  np.testing.assert_allclose(np.asarray(w_pad)[:13], w, rtol=1e-6)
+
+
 def test_needs_a_term():
   with pytest.raises(ValueError):
     cascade.cascade_scores(jnp.ones((2, 3), jnp.int32), 1, temporal=False,

@@ -3,6 +3,8 @@
 Runs `launch.py` with the `jax.distributed` flags in two processes that meet
 at a local coordinator, and checks that they give exactly the results of
 one process with the same 4 devices, and that only process 0 writes files.
+The two processes shard the user tables (`parallel.shard_data`), so each
+builds only its own users' rows; the single process replicates them.
 """
 
 import json
@@ -13,7 +15,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config.train.epochs=2", "--config.train.eval_every=1",
-        "--config.adv.epochs=0", "--config.data.synthetic.num_users=300",
+        "--config.adv.epochs=0", "--config.data.synthetic.num_users=301",
         "--config.eval.batch_size=64", "--config.train.batch_size=64"]
 
 
@@ -38,7 +40,8 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
   port = free_port()
   multi = [launch(tmp_path / "multi", tmp_path / f"p{i}.log", 2,
                   f"--coordinator_address=localhost:{port}",
-                  "--num_processes=2", f"--process_id={i}")
+                  "--num_processes=2", f"--process_id={i}",
+                  "--config.parallel.shard_data=True")
            for i in range(2)]
   single = launch(tmp_path / "single", tmp_path / "single.log", 4)
   for name, p in zip(("p0", "p1", "single"), multi + [single]):
@@ -52,6 +55,9 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
   b = json.load(open(tmp_path / "single" / "results.json"))["pretrain"]
   for k in ("selected_epoch", "valid/ndcg@10", "test/ndcg@10", "test/hr@10"):
     assert a[k] == b[k], k
+  # Each process built only its half of the user tables.
+  for i in range(2):
+    assert "built 152 of 304 user rows" in open(tmp_path / f"p{i}.log").read()
   # Process 0 alone wrote the metrics: one line per evaluation, not two.
   lines = open(tmp_path / "multi" / "metrics.jsonl").read().splitlines()
   assert len(lines) == len(
