@@ -1,8 +1,9 @@
 """Data pipeline: readers, k-core filtering, leave-one-out split, padded windows.
 
 Everything here is host-side numpy; `cat_jax.train` moves the arrays built by
-`build_arrays` onto the device once, so no batch ever crosses the host/device
-boundary during training.
+`build_arrays` onto the device once (or, with sharded tables, each process
+builds its own rows with `train_rows` and `eval_rows`), so no batch ever
+crosses the host/device boundary during training.
 
 Conventions (the paper's and SASRec's):
   * items are 1..N, 0 is padding;

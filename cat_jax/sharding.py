@@ -1,8 +1,9 @@
 """Device meshes for data-parallel training and user-sharded evaluation.
 
 One mesh axis, 'data', over all devices: a training batch and an evaluation
-batch are split across it by rows (users); parameters, optimizer state and the
-data tables are replicated. Everything runs under plain `jax.jit`; XLA inserts
+batch are split across it by rows (users); parameters and optimizer state are
+replicated, and so are the data tables unless `parallel.shard_data` splits
+them by rows too (`train.sharded_device_data`). Everything runs under plain `jax.jit`; XLA inserts
 the gradient all-reduce. With one device the mesh changes nothing.
 """
 
