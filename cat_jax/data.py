@@ -362,6 +362,7 @@ class Arrays:
     history: [U, H] each user's training items, sorted ascending, padded with
       the sentinel N+1 (H = longest training history). Used for exact
       negative sampling and for excluding history from the ranking.
+    train_users: [U_train] users with at least one training target.
     eval_users: [E] users with a validation and a test item.
     valid_inputs, test_inputs: [E, T] input windows for validation (training
       items) and test (training items + validation item).
@@ -371,6 +372,7 @@ class Arrays:
   train_inputs: np.ndarray
   train_targets: np.ndarray
   history: np.ndarray
+  train_users: np.ndarray
   eval_users: np.ndarray
   valid_inputs: np.ndarray
   valid_targets: np.ndarray
@@ -473,7 +475,7 @@ def build_arrays(ds: Dataset, max_len: int) -> Arrays:
   vin, vt, tin, tt = eval_rows(ds, eval_users, max_len)
   return Arrays(
       train_inputs=inputs, train_targets=targets, history=history,
-      eval_users=eval_users, valid_inputs=vin, valid_targets=vt,
+      train_users=train_user_index(ds), eval_users=eval_users, valid_inputs=vin, valid_targets=vt,
       test_inputs=tin, test_targets=tt, num_items=ds.num_items)
 
 

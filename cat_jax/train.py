@@ -61,12 +61,9 @@ def init_states(model, optimizer, keys, max_len: int) -> TrainState:
 
 def device_data(arrays: data_lib.Arrays) -> dict:
   """Puts the training and evaluation arrays on the (default) device once."""
-  has_target = (arrays.train_targets > 0).any(axis=1)
-  d = {k: jnp.asarray(getattr(arrays, k)) for k in (
-      "train_inputs", "train_targets", "history", "eval_users",
+  return {k: jnp.asarray(getattr(arrays, k)) for k in (
+      "train_inputs", "train_targets", "history", "train_users", "eval_users",
       "valid_inputs", "valid_targets", "test_inputs", "test_targets")}
-  d["train_users"] = jnp.asarray(np.flatnonzero(has_target).astype(np.int32))
-  return d
 
 
 def sharded_device_data(ds: data_lib.Dataset, max_len: int, mesh) -> dict:
