@@ -475,8 +475,9 @@ def build_arrays(ds: Dataset, max_len: int) -> Arrays:
   vin, vt, tin, tt = eval_rows(ds, eval_users, max_len)
   return Arrays(
       train_inputs=inputs, train_targets=targets, history=history,
-      train_users=train_user_index(ds), eval_users=eval_users, valid_inputs=vin, valid_targets=vt,
-      test_inputs=tin, test_targets=tt, num_items=ds.num_items)
+      train_users=train_user_index(ds), eval_users=eval_users,
+      valid_inputs=vin, valid_targets=vt, test_inputs=tin, test_targets=tt,
+      num_items=ds.num_items)
 
 
 def describe(ds: Dataset) -> dict:
