@@ -33,6 +33,34 @@ def test_eps_sweep_variant_names():
   assert v == {"none": {"adv.method": "none"},
                "cas_eps0.1": {"adv.method": "cas", "adv.eps": 0.1},
                "cas_eps10": {"adv.method": "cas", "adv.eps": 10.0}}
+  two = eps_sweep.variants(["cas", "global"], [1.0])
+  assert list(two) == ["none", "cas_eps1", "global_eps1"]
+  assert two["global_eps1"] == {"adv.method": "global", "adv.eps": 1.0}
+  for bad in ([], ["none"], ["cas", "none"]):
+    with pytest.raises(ValueError, match="always run as the reference"):
+      eps_sweep.variants(bad, [1.0])
+
+
+def test_eps_sweep_plot_one_line_per_method(tmp_path, monkeypatch):
+  pytest.importorskip("matplotlib")
+  labels = []
+  save = common.save_figure
+  def capture(fig, path):
+    labels.extend([t.get_text() for t in ax.get_legend().get_texts()]
+                  for ax in fig.axes)
+    save(fig, path)
+  monkeypatch.setattr(common, "save_figure", capture)
+  eps = [0.1, 10.0]
+  runs = {"none": {0: {"test/ndcg@10": 0.04, "test/hr@10": 0.08}}}
+  for m, v in (("cas", 0.05), ("global", 0.03)):
+    for e in eps:
+      runs[f"{m}_eps{e:g}"] = {0: {"test/ndcg@10": v / e, "test/hr@10": v}}
+  summary = common.summarize(runs, [0])
+  summary.update(eps=eps, methods=["cas", "global"])
+  path = tmp_path / "eps_sweep.png"
+  assert eps_sweep.plot(summary, str(path))
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert [sorted(l) for l in labels] == [["cas", "global", "none"]] * 2
 
 
 def test_runners_end_to_end(make_config, tmp_path):

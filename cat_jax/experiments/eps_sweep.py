@@ -1,12 +1,14 @@
 """Paper Fig. 4: test NDCG/HR@10 of one method across perturbation sizes.
 
   python -m cat_jax.experiments.eps_sweep --config=configs/sasrec_video.py \
-      --workdir=runs/eps_sasrec_video --method=cas \
+      --workdir=runs/eps_sasrec_video --method=cas,global \
       --eps=0.1,1,5,10,20,30,50 --seeds=0,1,2
 
 Pretrains each seed once, then trains `none` (the base model trained as
-long) and the method at every eps from it. Writes <workdir>/eps_sweep.json,
-eps_sweep.md and, with matplotlib, eps_sweep.png.
+long) and each method at every eps from it. Writes <workdir>/eps_sweep.json,
+eps_sweep.md and, with matplotlib, eps_sweep.png (one line per method).
+Runs that finished before are read back, so a sweep can be extended by
+calling it again with more eps or methods.
 """
 
 from __future__ import annotations
@@ -19,20 +21,32 @@ from cat_jax import writer
 from cat_jax.experiments import common
 
 
-def variants(method: str, eps_values) -> dict:
+def as_methods(methods) -> list:
+  """'cas' or ['cas', 'global'] -> a list; 'none' has no eps to sweep."""
+  methods = [methods] if isinstance(methods, str) else list(methods)
+  if not methods or "none" in methods:
+    raise ValueError("--method needs one or more adversarial methods (e.g. "
+                     "cas,global); `none` is always run as the reference.")
+  return methods
+
+
+def variants(methods, eps_values) -> dict:
+  """{'none': ..., '<method>_eps<e>': overrides} for every method and eps."""
   out = {"none": {"adv.method": "none"}}
-  for e in eps_values:
-    out[f"{method}_eps{e:g}"] = {"adv.method": method, "adv.eps": float(e)}
+  for m in as_methods(methods):
+    for e in eps_values:
+      out[f"{m}_eps{e:g}"] = {"adv.method": m, "adv.eps": float(e)}
   return out
 
 
-def run_sweep(config, workdir: str, seeds, method: str, eps_values,
+def run_sweep(config, workdir: str, seeds, methods, eps_values,
               vectorize: bool = False) -> dict:
+  """Trains (or reads back) every variant; the summary of `common`."""
   runs = common.run_variants(config, workdir, seeds,
-                             variants(method, eps_values), vectorize)
+                             variants(methods, eps_values), vectorize)
   summary = common.summarize(runs, seeds)
   summary["eps"] = [float(e) for e in eps_values]
-  summary["method"] = method
+  summary["methods"] = as_methods(methods)
   return summary
 
 
@@ -44,9 +58,10 @@ def plot(summary: dict, path: str) -> bool:
   rows, eps = summary["rows"], summary["eps"]
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
   for ax, k in zip(axes, common.METRICS):
-    ys = [rows[f"{summary['method']}_eps{e:g}"][k] for e in eps]
-    ax.errorbar(eps, [y["mean"] for y in ys], [y["std"] for y in ys],
-                marker="o", label=summary["method"])
+    for m in summary["methods"]:
+      ys = [rows[f"{m}_eps{e:g}"][k] for e in eps]
+      ax.errorbar(eps, [y["mean"] for y in ys], [y["std"] for y in ys],
+                  marker="o", capsize=2, label=m)
     ax.axhline(rows["none"][k]["mean"], color="gray", ls="--", label="none")
     ax.set_xscale("log")
     ax.set_xlabel("eps")
@@ -60,8 +75,12 @@ def main(argv):
   del argv
   writer.quiet_library_logs()
   F = flags.FLAGS
+  try:
+    methods = as_methods(common.split_list(F.method))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   summary = run_sweep(F.config, F.workdir, common.split_list(F.seeds, int),
-                      F.method, common.split_list(F.eps, float), F.vectorize)
+                      methods, common.split_list(F.eps, float), F.vectorize)
   md = common.write(F.workdir, "eps_sweep", summary)
   plot(summary, os.path.join(F.workdir, "eps_sweep.png"))
   print(md)
@@ -69,7 +88,9 @@ def main(argv):
 
 def define_flags():
   common.define_run_flags()
-  flags.DEFINE_string("method", "cas", "adv.method to sweep.")
+  flags.DEFINE_string("method", "cas",
+                      "adv.method to sweep, or a comma-separated list of "
+                      "them (e.g. cas,global): one line each in the figure.")
   flags.DEFINE_string("eps", "0.1,1,5,10,20,30,50", "Comma-separated eps.")
 
 
