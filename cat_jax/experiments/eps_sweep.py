@@ -1,4 +1,4 @@
-"""Paper Fig. 4: test NDCG/HR@10 of one method across perturbation sizes.
+"""Paper Fig. 4: test NDCG/HR@10 of adversarial methods across eps.
 
   python -m cat_jax.experiments.eps_sweep --config=configs/sasrec_video.py \
       --workdir=runs/eps_sasrec_video --method=cas,global \
@@ -22,8 +22,10 @@ from cat_jax.experiments import common
 
 
 def as_methods(methods) -> list:
-  """'cas' or ['cas', 'global'] -> a list; 'none' has no eps to sweep."""
+  """'cas' or ['cas', 'global'] -> a list without repeats; 'none' has no
+  eps to sweep."""
   methods = [methods] if isinstance(methods, str) else list(methods)
+  methods = list(dict.fromkeys(methods))
   if not methods or "none" in methods:
     raise ValueError("--method needs one or more adversarial methods (e.g. "
                      "cas,global); `none` is always run as the reference.")
