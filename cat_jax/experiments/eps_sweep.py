@@ -44,11 +44,12 @@ def variants(methods, eps_values) -> dict:
 def run_sweep(config, workdir: str, seeds, methods, eps_values,
               vectorize: bool = False) -> dict:
   """Trains (or reads back) every variant; the summary of `common`."""
+  methods = as_methods(methods)
   runs = common.run_variants(config, workdir, seeds,
                              variants(methods, eps_values), vectorize)
   summary = common.summarize(runs, seeds)
   summary["eps"] = [float(e) for e in eps_values]
-  summary["methods"] = as_methods(methods)
+  summary["methods"] = methods
   return summary
 
 
