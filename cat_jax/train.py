@@ -527,27 +527,47 @@ def _update_json(path: str, key: str, value: dict):
   os.replace(tmp, path)
 
 
+def _best_epoch(workdir: str, phase: str) -> int:
+  """The selected epoch of a finished phase; a clear error if there is none."""
+  best_path = os.path.join(workdir, phase, "best.json")
+  if not os.path.exists(best_path):
+    raise FileNotFoundError(
+        f"{best_path} not found: train phase {phase!r} in {workdir} first.")
+  with open(best_path) as f:
+    return json.load(f)["epoch"]
+
+
+def selected_params(config, workdir: str, phase: str, num_items: int):
+  """(model, params) of a phase's selected (best-on-validation) checkpoint.
+
+  Needs no data file: the model is rebuilt from `config` (the run's
+  resolved config.json) and `num_items` (N), and `<workdir>/<phase>/best` is
+  restored.
+  """
+  epoch = _best_epoch(workdir, phase)
+  T = config.data.max_len
+  model = models.build_model(config.model, num_items, T)
+  template = init_state(model, make_optimizer(config.train),
+                        jax.random.PRNGKey(0), T)
+  manager = _manager(os.path.join(workdir, phase, "best"))
+  try:
+    state = restore(manager, template, step=epoch)
+  finally:
+    manager.close()
+  return model, state.params
+
+
 def load_selected(config, workdir: str, phase: str):
   """(model, params, data, num_items) of a phase's selected checkpoint.
 
   For analyses after training (robustness, figures): rebuilds the data and
   model from `config` and restores `<workdir>/<phase>/best`.
   """
-  best_path = os.path.join(workdir, phase, "best.json")
-  if not os.path.exists(best_path):
-    raise FileNotFoundError(
-        f"{best_path} not found: train phase {phase!r} in {workdir} first.")
-  with open(best_path) as f:
-    epoch = json.load(f)["epoch"]
+  _best_epoch(workdir, phase)  # fail before reading the data
   arrays = data_lib.build_arrays(data_lib.load_from_config(config.data),
                                  config.data.max_len)
-  model = models.build_model(config.model, arrays.num_items, arrays.max_len)
-  template = init_state(model, make_optimizer(config.train),
-                        jax.random.PRNGKey(0), arrays.max_len)
-  manager = _manager(os.path.join(workdir, phase, "best"))
-  state = restore(manager, template, step=epoch)
-  manager.close()
-  return model, state.params, device_data(arrays), arrays.num_items
+  model, params = selected_params(config, workdir, phase, arrays.num_items)
+  return model, params, device_data(arrays), arrays.num_items
 
 
 def _check_pretrain(config, pre_dir: str, reuse: bool):
