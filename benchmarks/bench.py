@@ -5,12 +5,16 @@
   python benchmarks/bench.py --shapes=video --what=epoch_base,eval
   python benchmarks/bench.py --shapes=ml1m --models=sasrec --what=protocol
   python benchmarks/bench.py --shapes=video --what=cascade_100m --repeats=3
+  python benchmarks/bench.py --shapes=video --models=sasrec --what=topk
+  python benchmarks/bench.py --shapes=large --what=topk --item_chunk=65536
 
 `epoch_runs` trains `--runs` seeds in one vectorized epoch (compare its
 seconds with `--runs` x epoch_base). `protocol` is a whole run through
 `train.train_runs` (500 + 100 cas epochs, validation every 20, checkpoints,
 test), compilation included, on synthetic Markov data of the shape.
 `cascade_100m` times Eq. 4.11 on 2M random windows x 50 (100M slots).
+`topk` times `recommend.make_top_k` (top-20, history excluded) for every
+user of the shape, from their whole sequences (`--item_chunk` as for eval).
 
 Each measurement runs once to compile (not timed), then `--repeats` times;
 the median is reported. Data are synthetic with the named shape (users,
@@ -30,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cat_jax import adversarial, cascade, config_lib, data, evaluate, models
-from cat_jax import train
+from cat_jax import recommend, train
 
 # name: (users, items, mean sequence length, T)
 SHAPES = {
@@ -40,7 +44,8 @@ SHAPES = {
     "tiny": (300, 100, 8.0, 10),  # for the tests
 }
 WHAT = ("epoch_base", "epoch_cas", "epoch_runs", "eval", "cascade",
-        "cascade_100m", "protocol")
+        "cascade_100m", "protocol", "topk")
+TOPK_K = 20  # items per user of the topk measurement
 # Measured once per shape, not per model.
 MODEL_FREE = ("cascade", "cascade_100m")
 
@@ -176,6 +181,15 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
              "seconds": sec,
              "users_per_s": int(dd["eval_users"].shape[0]) / sec,
              "runs": times, "peak_bytes": peak_memory()}
+    elif w == "topk":
+      params = model.init(jax.random.PRNGKey(0), jnp.ones((1, T), jnp.int32))
+      recommender = recommend.make_top_k(
+          model, TOPK_K, batch_size=cfg.eval.batch_size, item_chunk=item_chunk)
+      sec, times = timed(lambda: recommender(params, ds.sequences), repeats)
+      yield {"name": f"topk_{model_name}", **base, "k": TOPK_K,
+             "item_chunk": item_chunk, "seconds": sec,
+             "users_per_s": users / sec, "runs": times,
+             "peak_bytes": peak_memory()}
     elif w == "cascade":
       fn = jax.jit(lambda s: cascade.cascade_scores(s, cfg.train.batch_size,
                                                     num_items=items))
@@ -200,7 +214,8 @@ def main():
   ap.add_argument("--models", default="sasrec,gru4rec")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--item_chunk", type=int, default=0,
-                  help="score the catalog this many items at a time (eval)")
+                  help="score the catalog this many items at a time "
+                  "(eval, topk)")
   ap.add_argument("--runs", type=int, default=3,
                   help="runs trained together by epoch_runs")
   ap.add_argument("--protocol_epochs", default="500,100",

@@ -76,6 +76,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.matmul_precision = "default"
   # Reuse the pretrained phase-1 state from another workdir ('' = this one).
   c.train.pretrain_dir = ""
+  # Early stopping: stop phase 1 after this many evaluations without a better
+  # validation metric (0 = off: train all train.epochs, as the paper).
+  c.train.patience = 0
+  # Length buckets: group users by the real length of their window and run
+  # each batch on its bucket's length only (same result per sequence, less
+  # padding). Number of buckets chosen from the data (1 = off).
+  c.train.buckets = 1
+  # Explicit bucket lengths (increasing, <= data.max_len) instead; () = choose.
+  c.train.bucket_lengths = ()
+  # Seed of the order in which the buckets' batches take turns (shared by the
+  # seeds of a vectorized group; users within buckets follow `seed`).
+  c.train.order_seed = 0
 
   c.adv = ml_collections.ConfigDict()
   # Phase 2 method: none, linear, seq, global, cas, cas_temporal, cas_cross.
@@ -97,6 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.adv.relative = False
   # Evaluate (and save) every N phase-2 epochs; 0 = train.eval_every.
   c.adv.eval_every = 0
+  # Early stopping of phase 2 in evaluations without improvement (0 = off).
+  c.adv.patience = 0
+  # Phase 2 starts from phase 1's 'last' state (the paper: after its 500
+  # epochs) or from its 'best' (selected on validation) checkpoint.
+  c.adv.init = "last"
 
   c.parallel = ml_collections.ConfigDict()
   # Devices to split each batch over (data parallel); 0 = all visible.
@@ -109,6 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   # Users per evaluation batch (results do not depend on it).
   c.eval.batch_size = 256
+  # Length buckets of the evaluation windows (same ranks; 1 = off).
+  c.eval.buckets = 1
   # Score the catalog this many items at a time (0 = all at once); for
   # catalogs whose [batch, items] score matrix does not fit in memory.
   c.eval.item_chunk = 0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cat_jax import adversarial, data, losses, train
-from cat_jax import cascade, models
+from cat_jax import batching, cascade, models
 
 B, T, D, N = 4, 6, 8, 20
 
@@ -220,10 +220,11 @@ def test_every_method_trains_under_jit(make_config, method, model_name):
   before = jax.tree.map(np.asarray, state.params)
   cfg = adversarial.method_config(method, eps=1.0)
   epoch, steps = train.make_train_epoch(
-      adversarial.make_objective(model, cfg), opt, arrays.num_items, 64,
-      int(dd["train_users"].shape[0]))
+      adversarial.make_objective(model, cfg), opt, arrays.num_items,
+      batching.plan_from_table(arrays.train_inputs, arrays.train_users, 64))
   pert = cascade.weights_for_method(dd["train_inputs"], 64, method)
-  state, terms = epoch(state, dd, pert, jax.random.PRNGKey(1))
+  state, terms = epoch(state, dd, pert, jax.random.PRNGKey(1),
+                       jax.random.PRNGKey(1))
   assert int(state.step) == steps
   chex.assert_tree_all_finite(terms)
   assert np.asarray(terms["loss"]).shape == (steps,)

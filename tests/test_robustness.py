@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cat_jax import adversarial, data as data_lib, evaluate, models, train
-from cat_jax import robustness
+from cat_jax import batching, robustness
 
 N, T, D, H = 25, 6, 8, 5
 
@@ -246,13 +246,14 @@ def trained():
                            opt_state=opt.init(params))
   objective = adversarial.make_objective(model,
                                          adversarial.method_config("none"))
-  epoch_fn, _ = train.make_train_epoch(objective, opt, N_,
-                                       config.train.batch_size,
-                                       int(data["train_users"].shape[0]))
+  epoch_fn, _ = train.make_train_epoch(
+      objective, opt, N_, batching.plan_from_table(
+          data["train_inputs"], data["train_users"], config.train.batch_size))
   uniform = (data["train_inputs"] > 0).astype(jnp.float32)
   epochs = 20  # epochs are ~30 ms here; compiling the epoch is the cost
   for e in range(epochs):
-    state, _ = epoch_fn(state, data, uniform, jax.random.PRNGKey(e))
+    state, _ = epoch_fn(state, data, uniform, jax.random.PRNGKey(e),
+                        jax.random.PRNGKey(e))
   return model, state.params, data, N_
 
 
