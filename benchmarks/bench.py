@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cat_jax import adversarial, cascade, config_lib, data, evaluate, models
+from cat_jax import adversarial, batching, cascade, config_lib, data, evaluate
+from cat_jax import models
 from cat_jax import recommend, train
 
 # name: (users, items, mean sequence length, T)
@@ -109,7 +110,8 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
   dd = train.device_data(arrays)
   model = models.build_model(cfg.model, items, T)
   opt = train.make_optimizer(cfg.train)
-  n_train = int(dd["train_users"].shape[0])
+  plan = batching.plan_from_table(arrays.train_inputs, arrays.train_users,
+                                  cfg.train.batch_size)
   shape = {"users": users, "items": items,
            "interactions": int(sum(len(s) for s in ds.sequences)), "T": T}
   base = {"device": str(jax.devices()[0].device_kind),
@@ -122,15 +124,15 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
       state = train.init_state(model, opt, jax.random.PRNGKey(0), T)
       epoch, steps = train.make_train_epoch(
           adversarial.make_objective(model, adversarial.method_config(method)),
-          opt, items, cfg.train.batch_size, n_train)
+          opt, items, plan)
       pert = cascade.weights_for_method(dd["train_inputs"],
                                         cfg.train.batch_size, method)
       holder = {"state": state, "i": 0}
 
       def run():
         holder["i"] += 1
-        holder["state"], terms = epoch(holder["state"], dd, pert,
-                                       jax.random.PRNGKey(holder["i"]))
+        key = jax.random.PRNGKey(holder["i"])
+        holder["state"], terms = epoch(holder["state"], dd, pert, key, key)
         return terms["loss"]
 
       sec, times = timed(run, repeats)
@@ -142,14 +144,15 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
       holder = {"state": train.init_states(model, opt, keys, T), "i": 0}
       epoch, steps = train.make_train_epoch(
           adversarial.make_objective(model, adversarial.method_config("none")),
-          opt, items, cfg.train.batch_size, n_train, runs=True)
+          opt, items, plan, runs=True)
       pert = (dd["train_inputs"] > 0).astype(jnp.float32)
 
       def run():
         holder["i"] += 1
         holder["state"], terms = epoch(
             holder["state"], dd, pert,
-            jax.random.split(jax.random.PRNGKey(holder["i"]), runs))
+            jax.random.split(jax.random.PRNGKey(holder["i"]), runs),
+            jax.random.PRNGKey(holder["i"]))
         return terms["loss"]
 
       sec, times = timed(run, repeats)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from cat_jax import metrics, sharding
+from cat_jax import batching, metrics, sharding
 
 
 def history_mask(history: jax.Array, extra: jax.Array,
@@ -68,7 +68,8 @@ def map_batches(fn: Callable, arrays: tuple, batch_size: int) -> jax.Array:
 
 
 def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
-                mesh=None, runs: bool = False):
+                mesh=None, runs: bool = False,
+                plan: batching.EvalPlan | None = None):
   """Jitted ranks(params, inputs, targets, users, extra, history) -> [E] int32.
 
   Args of the returned function:
@@ -82,6 +83,8 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
   the ranks come back replicated (readable on every host). With `runs=True`,
   params carry a leading run axis and ranks are [R, E]. Rows whose target is
   0 (padding of sharded tables) get rank 0, which `summarize` skips.
+  With a length-bucket `plan` (`batching.eval_plan`), each bucket's rows are
+  scored on their last T_b columns only; the ranks are the same.
   """
   sharding.check_divisible(batch_size, mesh, "eval.batch_size")
 
@@ -94,6 +97,7 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
 
     return map_batches(one, (inputs, targets, users, extra), batch_size)
 
+  ranks = batching.bucketed(ranks, plan)
   if runs:
     ranks = jax.vmap(ranks, in_axes=(0,) + (None,) * 5)
   return _jit_replicated(ranks, mesh)
@@ -110,7 +114,8 @@ def _jit_replicated(fn, mesh):
 
 
 def make_chunked_ranker(model, num_items: int, batch_size: int,
-                        item_chunk: int, mesh=None, shard_items: bool = False):
+                        item_chunk: int, mesh=None, shard_items: bool = False,
+                        plan: batching.EvalPlan | None = None):
   """As `make_ranker` for a model, holding [batch, item_chunk] scores at most.
 
   For catalogs whose [batch_size, N+1] score matrix does not fit: the items
@@ -122,6 +127,7 @@ def make_chunked_ranker(model, num_items: int, batch_size: int,
   instead of the users: each device scores every user of the batch against
   its N/D items (`jax.shard_map`), and the per-device counts are summed
   (`psum`). Ranks need counts only, so there is no top-k to merge.
+  A length-bucket `plan` works as in `make_ranker`.
   """
   n_dev = mesh.size if (shard_items and mesh is not None) else 1
   if n_dev == 1:
@@ -174,7 +180,7 @@ def make_chunked_ranker(model, num_items: int, batch_size: int,
 
     return map_batches(one, (inputs, targets, users, extra), batch_size)
 
-  return _jit_replicated(ranks, mesh)
+  return _jit_replicated(batching.bucketed(ranks, plan), mesh)
 
 
 def summarize(ranks: np.ndarray, ks: Sequence[int]) -> dict:

@@ -63,8 +63,14 @@ class SASRecModule(nn.Module):
   def encode(self, S, mask, train: bool = False):
     det = not train
     T = S.shape[1]
+    if T > self.max_len:
+      raise ValueError(f"SASRec window of {T} > max_len {self.max_len}")
     m = mask[..., None].astype(self.dtype)
-    x = S * (self.hidden ** 0.5) + self.pos_emb(jnp.arange(T))[None]
+    # Windows are right-aligned: the last item always has position
+    # max_len - 1, so a window cut to its last T items (a length bucket) gets
+    # the positions it has inside the full left-padded window.
+    positions = jnp.arange(self.max_len - T, self.max_len)
+    x = S * (self.hidden ** 0.5) + self.pos_emb(positions)[None]
     x = self.drop(x.astype(self.dtype), deterministic=det) * m
     # Causal attention that also ignores padding keys (left padding).
     attn_mask = nn.combine_masks(
@@ -133,6 +139,10 @@ class Model(NamedTuple):
   embed(params, item_ids [B, T]) -> S [B, T, d]
   encode(params, S [B, T, d], mask [B, T] bool, *, train, rng) -> W [B, T, d]
   items(params) -> E [N+1, d]  (row 0 = padding)
+
+  Windows are left-padded and right-aligned: any T <= max_len works, and a
+  window's last T' columns give the same outputs at its real positions as
+  the whole window (dropout aside), which is what length buckets use.
   """
   init: Callable[..., Any]
   embed: Callable[..., jax.Array]

@@ -14,7 +14,6 @@ phase, for the selected checkpoint.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -29,7 +28,9 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cat_jax import adversarial, cascade, data as data_lib, evaluate, models
+from cat_jax import adversarial, batching, cascade, checkpoints
+from cat_jax import data as data_lib
+from cat_jax import evaluate, models
 from cat_jax import sampling, sharding
 from cat_jax.writer import JsonlWriter, is_chief
 
@@ -59,77 +60,26 @@ def init_states(model, optimizer, keys, max_len: int) -> TrainState:
   return jax.vmap(lambda k: init_state(model, optimizer, k, max_len))(keys)
 
 
-def device_data(arrays: data_lib.Arrays) -> dict:
-  """Puts the training and evaluation arrays on the (default) device once."""
-  return {k: jnp.asarray(getattr(arrays, k)) for k in (
-      "train_inputs", "train_targets", "history", "train_users", "eval_users",
-      "valid_inputs", "valid_targets", "test_inputs", "test_targets")}
+# The device tables moved to `batching`; these names stay for callers.
+device_data = batching.device_data
+sharded_device_data = batching.sharded_device_data
 
 
-def sharded_device_data(ds: data_lib.Dataset, max_len: int, mesh) -> dict:
-  """The tables of `device_data`, split by rows (users) over `mesh`.
+def make_train_epoch(objective, optimizer, num_items: int,
+                     plan: batching.TrainPlan, mesh=None, runs: bool = False):
+  """Jitted `epoch(state, data, pert, key, order_key) -> (state, terms)`.
 
-  Each device holds 1/D of the user tables (training windows, histories,
-  evaluation windows), and each process builds only the rows of its own
-  devices: on several hosts no process holds every user's padded tables.
-  Only `train_users` (one int per user) is replicated. Tables are padded to a
-  multiple of the device count with empty rows: no training target, and an
-  evaluation target of 0, which evaluation skips. Under `jit`, XLA gathers a
-  batch from the sharded tables with a masked local gather and a sum, so
-  results equal those of replicated tables.
-  """
-  data_lib.check_users(ds)
-  n = mesh.size
-  pad = lambda k: max(n, -(-k // n) * n)
-  U, T, H = ds.num_users, max_len, data_lib.history_width(ds)
-  eval_users = data_lib.eval_user_index(ds)
-  E = len(eval_users)
-  eval_users = np.concatenate(
-      [eval_users, np.full(pad(E) - E, -1, np.int32)])
-  cache = {}
+  One epoch is a `lax.scan` over the plan's steps with nothing crossing to
+  the host: users are shuffled on device (`batching.epoch_order`), a batch
+  of length bucket b runs on the last T_b columns of its windows (a
+  `lax.switch` over the buckets, all compiled into this one program), the
+  fill of each bucket's last batch gets weight 0, and negatives are sampled
+  on device. `pert` is the [U, T] level-1 weight table. `terms` holds each
+  loss term per step ([steps] arrays). With a `mesh`, each batch is split
+  across its devices (data parallel) and everything else is replicated.
 
-  def rows_of(kind, index):
-    sl = index[0]
-    key = (kind, sl.start, sl.stop)
-    if key not in cache:  # one build per device slice, shared by its tables
-      if kind == "train":
-        cache[key] = data_lib.train_rows(ds, np.arange(pad(U))[sl], T, H)
-      else:
-        cache[key] = data_lib.eval_rows(ds, eval_users[sl], T)
-    return cache[key]
-
-  def table(kind, i, shape):
-    return jax.make_array_from_callback(
-        shape, sharding.rows(mesh), lambda index: rows_of(kind, index)[i])
-
-  d = {"train_inputs": table("train", 0, (pad(U), T)),
-       "train_targets": table("train", 1, (pad(U), T)),
-       "history": table("train", 2, (pad(U), H)),
-       "valid_inputs": table("eval", 0, (pad(E), T)),
-       "valid_targets": table("eval", 1, (pad(E),)),
-       "test_inputs": table("eval", 2, (pad(E), T)),
-       "test_targets": table("eval", 3, (pad(E),))}
-  d["eval_users"] = jax.make_array_from_callback(
-      (pad(E),), sharding.rows(mesh),
-      lambda index: np.maximum(eval_users[index[0]], 0))
-  d["train_users"] = sharding.replicate(
-      jnp.asarray(data_lib.train_user_index(ds)), mesh)
-  built = sum(k[2] - k[1] for k in cache if k[0] == "train")
-  logging.info("process %d built %d of %d user rows (row-sharded tables)",
-               jax.process_index(), built, pad(U))
-  return d
-
-
-def make_train_epoch(objective, optimizer, num_items: int, batch_size: int,
-                     num_train_users: int, mesh=None, runs: bool = False):
-  """Jitted `epoch(state, data, pert, key) -> (state, terms)`.
-
-  One epoch is a `lax.scan` over ceil(users / batch_size) steps with nothing
-  crossing to the host: users are permuted on device, the last batch is
-  filled with repeated users that get weight 0, and negatives are sampled on
-  device. `pert` is the [U, T] level-1 weight table. `terms` holds each loss
-  term per step ([steps] arrays). With a `mesh`, each batch is split across
-  its devices (data parallel) and everything else is replicated.
+  `key` is the run's key (users, negatives, dropout, perturbations);
+  `order_key` orders the buckets' batches and is shared by all runs.
 
   With `runs=True` the epoch trains several independent runs at once: `state`
   is stacked over a leading run axis (see `init_states`) and `key` is [R, 2];
@@ -137,82 +87,60 @@ def make_train_epoch(objective, optimizer, num_items: int, batch_size: int,
   [R, steps]. One small model leaves an accelerator mostly idle, so seeds
   share one program this way.
   """
-  sharding.check_divisible(batch_size, mesh, "train.batch_size")
-  num_steps = -(-num_train_users // batch_size)
+  sharding.check_divisible(plan.batch_size, mesh, "train.batch_size")
 
-  def epoch(state, data, pert, key):
+  def epoch(state, data, pert, key, order_key):
     perm_key, step_key = jax.random.split(key)
-    users = data["train_users"]
-    order = users[jax.random.permutation(perm_key, users.shape[0])]
-    slots = jnp.arange(num_steps * batch_size)
-    idx = order[slots % users.shape[0]].reshape(num_steps, batch_size)
-    real = (slots < users.shape[0]).reshape(num_steps, batch_size)
-    keys = jax.random.split(step_key, num_steps)
+    buckets, idx, real = batching.epoch_order(plan, perm_key, order_key)
+    keys = jax.random.split(step_key, plan.num_steps)
+    T = data["train_inputs"].shape[1]
+
+    def at_length(t):
+      """The train step on windows cut to their last t columns."""
+      def step(state, u, real_user, k):
+        neg_key, obj_key = jax.random.split(k)
+        cols = slice(T - t, T)
+        targets = data["train_targets"][u][:, cols]
+        batch = {
+            "inputs": data["train_inputs"][u][:, cols],
+            "targets": targets,
+            "negatives": sampling.sample_negatives(
+                neg_key, data["history"][u], targets.shape, num_items),
+            "weights": ((targets > 0) & real_user[:, None]).astype(
+                jnp.float32),
+            "pert": pert[u][:, cols],
+        }
+        grads, terms = jax.grad(objective, has_aux=True)(
+            state.params, batch, obj_key)
+        updates, opt_state = optimizer.update(grads, state.opt_state,
+                                              state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state), terms
+      return step
+
+    branches = [at_length(t) for t in plan.lengths]
 
     def step(state, xs):
-      u, real_user, k = xs
+      b, u, real_user, k = xs
       u = sharding.shard_rows(u, mesh)
-      neg_key, obj_key = jax.random.split(k)
-      targets = data["train_targets"][u]
-      batch = {
-          "inputs": data["train_inputs"][u],
-          "targets": targets,
-          "negatives": sampling.sample_negatives(
-              neg_key, data["history"][u], targets.shape, num_items),
-          "weights": ((targets > 0) & real_user[:, None]).astype(jnp.float32),
-          "pert": pert[u],
-      }
-      grads, terms = jax.grad(objective, has_aux=True)(
-          state.params, batch, obj_key)
-      updates, opt_state = optimizer.update(grads, state.opt_state,
-                                            state.params)
-      params = optax.apply_updates(state.params, updates)
-      return TrainState(state.step + 1, params, opt_state), terms
+      if len(branches) == 1:
+        return branches[0](state, u, real_user, k)
+      return jax.lax.switch(b, branches, state, u, real_user, k)
 
-    return jax.lax.scan(step, state, (idx, real, keys))
+    return jax.lax.scan(step, state, (buckets, idx, real, keys))
 
   if runs:
-    epoch = jax.vmap(epoch, in_axes=(0, None, None, 0))
-  return jax.jit(epoch, donate_argnums=0), num_steps
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints.
-# ----------------------------------------------------------------------------
-
-
-def _manager(path: str) -> ocp.CheckpointManager:
-  path = os.path.abspath(path)
-  # Multi-process saves meet at barriers named after the step; `latest` and
-  # `best` save the same step concurrently, so each manager needs its own
-  # barrier prefix (else: "Barrier _async_write_complete.<step> is already
-  # ongoing" and a hang).
-  prefix = hashlib.sha1(path.encode()).hexdigest()[:12]
-  return ocp.CheckpointManager(
-      path, options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(
-              barrier_sync_key_prefix=prefix)))
-
-
-def restore(manager: ocp.CheckpointManager, target: TrainState,
-            step: int | None = None) -> TrainState:
-  """Restores into the structure of `target`; a clear error on a mismatch."""
-  step = manager.latest_step() if step is None else step
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-        f"The checkpoint in {manager.directory} (step {step}) does not match "
-        "this model/config (different model, hidden size, max_len or data "
-        "set?). Use a fresh --workdir or the config that wrote it. "
-        f"Orbax said: {str(e)[:500]}") from None
+    epoch = jax.vmap(epoch, in_axes=(0, None, None, 0, None))
+  return jax.jit(epoch, donate_argnums=0), plan.num_steps
 
 
 # ----------------------------------------------------------------------------
 # One phase.
 # ----------------------------------------------------------------------------
+
+# Kept for callers of the old names.
+_manager = checkpoints.manager
+restore = checkpoints.restore
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -254,9 +182,12 @@ class _Runs:
     self.phase, self.stacked, self.select = phase, stacked, select
     self.pdirs = [os.path.join(w, phase) for w in workdirs]
     self.writers, self.keys = writers, keys
-    self.latest = [_manager(os.path.join(p, "latest")) for p in self.pdirs]
-    self.best = [_manager(os.path.join(p, "best")) for p in self.pdirs]
-    self.best_info = [{"epoch": -1, select: -np.inf} for _ in self.pdirs]
+    self.latest = [checkpoints.manager(os.path.join(p, "latest"))
+                   for p in self.pdirs]
+    self.best = [checkpoints.manager(os.path.join(p, "best"))
+                 for p in self.pdirs]
+    self.selection = [checkpoints.Selection.load(
+        checkpoints.selection_path(p), select) for p in self.pdirs]
 
   def __len__(self):
     return len(self.pdirs)
@@ -277,62 +208,19 @@ class _Runs:
   def where(self, r):
     return f" ({self.pdirs[r]})" if self.stacked else ""
 
+  def active(self, patience: int) -> list:
+    """Runs that have not stopped early."""
+    return [r for r in range(len(self))
+            if not self.selection[r].stopped(patience)]
+
+  def wait(self):
+    for m in self.latest + self.best:
+      m.wait_until_finished()
+
   def close(self):
     for m in self.latest + self.best:
       m.wait_until_finished()
       m.close()
-
-
-def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
-                  validate, config):
-  """The epoch loop of `run_phase`; returns the final state."""
-  phase, select = runs.phase, runs.select
-  eval_every = phase_eval_every(config, phase)
-  t_phase = time.time()
-  for epoch in range(start + 1, epochs + 1):
-    t0 = time.time()
-    step0 = int(np.ravel(jax.device_get(state.step))[0])
-    state, terms = epoch_fn(state, data, pert, runs.epoch_key(epoch))
-    terms = runs.split(jax.device_get(terms))  # the one host sync
-    for r, t in enumerate(terms):
-      _check_finite(t, step0, phase, runs.where(r))
-    dt = time.time() - t0
-    n_steps = len(terms[0]["loss"]) * len(runs)
-    means = [{k: float(np.mean(v)) for k, v in t.items()} for t in terms]
-    if epoch % config.train.log_every == 0 or epoch == epochs:
-      elapsed = time.time() - t_phase
-      eta = elapsed / (epoch - start) * (epochs - epoch)
-      avg = {k: np.mean([m[k] for m in means]) for k in means[0]}
-      logging.info(
-          "[%s] epoch %d/%d loss %.4f (bce %.4f adv1 %.4f adv2 %.4f%s) "
-          "%.1f steps/s, %.2f s/epoch, ETA %.0f s", phase, epoch, epochs,
-          avg["loss"], avg["bce"], avg["adv1"], avg["adv2"],
-          f"; mean of {len(runs)} runs" if runs.stacked else "",
-          n_steps / dt, dt, eta)
-    if epoch % eval_every == 0 or epoch == epochs:
-      t_eval = time.time()
-      vals = validate(state.params)
-      eval_s = time.time() - t_eval
-      parts = runs.split(state)
-      for r, val in enumerate(vals):
-        runs.latest[r].save(epoch, args=ocp.args.StandardSave(parts[r]))
-        if val[select] > runs.best_info[r][select]:
-          runs.best[r].save(epoch, args=ocp.args.StandardSave(parts[r]),
-                            force=True)
-          runs.best[r].wait_until_finished()
-          runs.best_info[r] = {"epoch": epoch, select: val[select]}
-          if is_chief():
-            with open(os.path.join(runs.pdirs[r], "best.json"), "w") as f:
-              json.dump(runs.best_info[r], f)
-        runs.writers[r].write(
-            {"phase": phase, "epoch": epoch, "step": step0 + len(
-                terms[r]["loss"]),
-             **{f"train/{k}": v for k, v in means[r].items()},
-             **{f"valid/{k}": v for k, v in val.items()},
-             "steps_per_s": n_steps / dt, "epoch_s": dt, "eval_s": eval_s})
-        logging.info("[%s] epoch %d valid%s %s", phase, epoch, runs.where(r),
-                     " ".join(f"{k}={v:.4f}" for k, v in val.items()))
-  return state
 
 
 def phase_eval_every(config, phase: str) -> int:
@@ -342,25 +230,111 @@ def phase_eval_every(config, phase: str) -> int:
   return config.train.eval_every
 
 
-def _resume(runs: _Runs, state):
-  """(state, start epoch) from the runs' latest checkpoints, if any."""
+def phase_patience(config, phase: str) -> int:
+  """Early-stopping patience (evaluations) of `phase`; 0 = off."""
+  return config.train.patience if phase == "pretrain" else \
+      config.adv.patience
+
+
+def order_key(config, epoch: int) -> jax.Array:
+  """The key that orders the length buckets' batches in `epoch` (shared by
+  all runs of a vectorized group; see `batching`)."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.train.order_seed),
+                            epoch)
+
+
+def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
+                  validate, config):
+  """The epoch loop of `run_phase`; returns the final state.
+
+  Stops after `epochs`, or once every run has gone `patience` evaluations
+  without a better validation metric (a run that stops early keeps its
+  checkpoints while the others of its group train on).
+  """
+  phase, select = runs.phase, runs.select
+  eval_every = phase_eval_every(config, phase)
+  patience = phase_patience(config, phase)
+  t_phase = time.time()
+  for epoch in range(start + 1, epochs + 1):
+    active = runs.active(patience)
+    if not active:
+      break
+    t0 = time.time()
+    step0 = int(np.ravel(jax.device_get(state.step))[0])
+    state, terms = epoch_fn(state, data, pert, runs.epoch_key(epoch),
+                            order_key(config, epoch))
+    terms = runs.split(jax.device_get(terms))  # the one host sync
+    for r in active:
+      _check_finite(terms[r], step0, phase, runs.where(r))
+    dt = time.time() - t0
+    n_steps = len(terms[0]["loss"]) * len(runs)
+    means = [{k: float(np.mean(v)) for k, v in t.items()} for t in terms]
+    if epoch % config.train.log_every == 0 or epoch == epochs:
+      elapsed = time.time() - t_phase
+      eta = elapsed / (epoch - start) * (epochs - epoch)
+      avg = {k: np.mean([means[r][k] for r in active]) for k in means[0]}
+      logging.info(
+          "[%s] epoch %d/%d loss %.4f (bce %.4f adv1 %.4f adv2 %.4f%s) "
+          "%.1f steps/s, %.2f s/epoch, ETA %.0f s", phase, epoch, epochs,
+          avg["loss"], avg["bce"], avg["adv1"], avg["adv2"],
+          f"; mean of {len(active)} runs" if runs.stacked else "",
+          n_steps / dt, dt, eta)
+    if epoch % eval_every == 0 or epoch == epochs:
+      t_eval = time.time()
+      vals = validate(state.params)
+      eval_s = time.time() - t_eval
+      parts = runs.split(state)
+      for r in active:
+        val, sel = vals[r], runs.selection[r]
+        if sel.update(epoch, val[select]):
+          checkpoints.save(runs.best[r], epoch, parts[r], wait=True)
+        # The record goes first: a kill before the latest checkpoint is on
+        # disk retrains to this epoch, whose evaluation is then not counted
+        # twice (`Selection.last_eval`).
+        checkpoints.write_json(checkpoints.selection_path(runs.pdirs[r]),
+                               sel.to_json(), indent=None)
+        checkpoints.save(runs.latest[r], epoch, parts[r])
+        runs.writers[r].write(
+            {"phase": phase, "epoch": epoch, "step": step0 + len(
+                terms[r]["loss"]),
+             **{f"train/{k}": v for k, v in means[r].items()},
+             **{f"valid/{k}": v for k, v in val.items()},
+             "steps_per_s": n_steps / dt, "epoch_s": dt, "eval_s": eval_s})
+        logging.info("[%s] epoch %d valid%s %s", phase, epoch, runs.where(r),
+                     " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+        if sel.stopped(patience):
+          logging.info("[%s]%s early stop at epoch %d: no better %s in %d "
+                       "evaluations (best %.4f at epoch %d)", phase,
+                       runs.where(r), epoch, select, patience, sel.value,
+                       sel.epoch)
+  return state
+
+
+def _resume(runs: _Runs, state, patience: int):
+  """(state, start epoch) from the runs' latest checkpoints, if any.
+
+  Runs that stopped early are finished; the others must have been saved at
+  the same epoch.
+  """
   steps = [m.latest_step() for m in runs.latest]
   if all(s is None for s in steps):
     return state, 0
-  if len(set(steps)) > 1:
+  if any(s is None for s in steps):
+    raise ValueError(
+        f"[{runs.phase}] some of the runs in {runs.pdirs} have no checkpoint "
+        f"({steps}); resume them one at a time with launch.py.")
+  going = {steps[r] for r in runs.active(patience)}
+  if len(going) > 1:
     raise ValueError(
         f"[{runs.phase}] the runs in {runs.pdirs} were saved at different "
         f"epochs ({steps}); resume them one at a time with launch.py.")
-  state = runs.join([restore(m, runs.take(state, r))
+  state = runs.join([checkpoints.restore(m, runs.take(state, r))
                      for r, m in enumerate(runs.latest)])
-  for r, p in enumerate(runs.pdirs):
-    if os.path.exists(os.path.join(p, "best.json")):
-      with open(os.path.join(p, "best.json")) as f:
-        runs.best_info[r] = json.load(f)
-    logging.info("[%s] resumed%s from epoch %d (best %s %.4f at epoch %d)",
-                 runs.phase, runs.where(r), steps[r], runs.select,
-                 runs.best_info[r][runs.select], runs.best_info[r]["epoch"])
-  return state, int(steps[0])
+  for r, sel in enumerate(runs.selection):
+    logging.info("[%s] resumed%s from epoch %d (best %s %.4f at epoch %d%s)",
+                 runs.phase, runs.where(r), steps[r], runs.select, sel.value,
+                 sel.epoch, ", stopped early" if sel.stopped(patience) else "")
+  return state, int(max(going or steps))
 
 
 def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
@@ -371,21 +345,34 @@ def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
   `workdirs`, `writers` and `root_keys` hold one entry per run. With one run
   and `stacked=False`, `state` has no run axis; with `stacked=True` it has a
   leading run axis R (an `epoch_fn` and `ranker` built with `runs=True`).
-  Each run is selected and tested on its own.
+  Each run is selected and tested on its own. With a patience
+  (`train.patience` / `adv.patience`), training stops early once a run's
+  validation metric has not improved for that many evaluations.
 
-  Returns (final state, [results dict of this phase, one per run]).
+  Returns (final state, selected state, [results dict of this phase, one
+  per run]). The selected state is each run's best-on-validation checkpoint.
   """
   select = config.eval.select
+  patience = phase_patience(config, phase)
   runs = _Runs(phase, workdirs, writers, root_keys, stacked, select)
   results_paths = [os.path.join(p, "results.json") for p in runs.pdirs]
+
+  def selected_state(template):
+    for r, sel in enumerate(runs.selection):
+      if sel.epoch < 0:
+        raise RuntimeError(f"[{phase}]{runs.where(r)} no evaluation was run; "
+                           "nothing to test.")
+    return runs.join([
+        checkpoints.restore(runs.best[r], runs.take(template, r),
+                            step=sel.epoch)
+        for r, sel in enumerate(runs.selection)])
+
   try:
-    state, start = _resume(runs, state)
-    if start >= epochs and all(map(os.path.exists, results_paths)):
-      out = []
-      for path in results_paths:
-        with open(path) as f:
-          out.append(json.load(f))
-      return state, out
+    state, start = _resume(runs, state, patience)
+    finished = start >= epochs or not runs.active(patience)
+    if finished and all(map(os.path.exists, results_paths)):
+      return state, selected_state(state), [
+          checkpoints.read_json(p) for p in results_paths]
 
     def validate(params):
       r = np.asarray(ranker(params, *evaluate.split_inputs(data, "valid"),
@@ -400,39 +387,32 @@ def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
     finally:
       # Saves are asynchronous: finish them even when training stops early
       # (a NaN, Ctrl-C), so that the last good checkpoint is complete on disk.
-      for m in runs.latest + runs.best:
-        m.wait_until_finished()
+      runs.wait()
 
     # The test split is read here, once, for each run's selected checkpoint.
-    for r, info in enumerate(runs.best_info):
-      if info["epoch"] < 0:
-        raise RuntimeError(f"[{phase}]{runs.where(r)} no evaluation was run; "
-                           "nothing to test.")
-    selected = runs.join([
-        restore(runs.best[r], runs.take(state, r), step=info["epoch"])
-        for r, info in enumerate(runs.best_info)])
+    selected = selected_state(state)
     ranks = np.asarray(ranker(selected.params,
                               *evaluate.split_inputs(data, "test"),
                               data["history"]))
     out = []
     for r, x in enumerate(ranks if stacked else [ranks]):
       test = evaluate.summarize(x, config.eval.ks)
-      info = runs.best_info[r]
-      results = {"phase": phase, "selected_epoch": info["epoch"],
-                 f"valid/{select}": info[select],
+      sel = runs.selection[r]
+      results = {"phase": phase, "selected_epoch": sel.epoch,
+                 f"valid/{select}": sel.value,
                  **{f"test/{k}": v for k, v in test.items()},
+                 "last_epoch": sel.last_eval,
+                 "stopped_early": sel.stopped(patience),
                  "train_s": time.time() - t_phase}
-      runs.writers[r].write({"phase": phase, "epoch": info["epoch"],
+      runs.writers[r].write({"phase": phase, "epoch": sel.epoch,
                              "split": "test",
                              **{f"test/{k}": v for k, v in test.items()}})
-      if is_chief():
-        with open(results_paths[r], "w") as f:
-          json.dump(results, f, indent=1)
+      checkpoints.write_json(results_paths[r], results)
       logging.info("[%s]%s selected epoch %d; test %s", phase, runs.where(r),
-                   info["epoch"],
+                   sel.epoch,
                    " ".join(f"{k}={v:.4f}" for k, v in test.items()))
       out.append(results)
-    return state, out
+    return state, selected, out
   finally:
     runs.close()
 
@@ -449,6 +429,7 @@ def adv_config(config) -> adversarial.AdvConfig:
 
 
 MATMUL_PRECISIONS = ("default", "float32", "tensorfloat32", "bfloat16")
+ADV_INITS = ("last", "best")
 
 
 def matmul_precision(config):
@@ -478,6 +459,19 @@ def validate_config(config):
     if config.train[name] < (0 if name == "epochs" else 1):
       raise ValueError(f"train.{name} must be positive, got "
                        f"{config.train[name]}.")
+  for name in ("patience", "order_seed"):
+    if config.train[name] < 0:
+      raise ValueError(f"train.{name} must be >= 0, got "
+                       f"{config.train[name]}.")
+  for section in ("train", "eval"):
+    if config[section].buckets < 1:
+      raise ValueError(f"{section}.buckets must be >= 1 (1 = off), got "
+                       f"{config[section].buckets}.")
+  if config.adv.patience < 0:
+    raise ValueError(f"adv.patience must be >= 0, got {config.adv.patience}.")
+  if config.adv.init not in ADV_INITS:
+    raise ValueError(f"Unknown adv.init {config.adv.init!r}; choose one of "
+                     f"{ADV_INITS}.")
   if config.adv.epochs < 0:
     raise ValueError(f"adv.epochs must be >= 0, got {config.adv.epochs}.")
   if config.adv.eval_every < 0:
@@ -502,7 +496,8 @@ def _pretrain_signature(config) -> dict:
   d = config.to_dict()
   for key in ("adv", "eval", "parallel"):
     d.pop(key)
-  for key in ("epochs", "eval_every", "log_every", "pretrain_dir"):
+  for key in ("epochs", "eval_every", "log_every", "pretrain_dir",
+              "patience"):
     d["train"].pop(key)
   # Precision knobs at their defaults are left out, so that workdirs written
   # before these knobs existed stay valid.
@@ -514,27 +509,10 @@ def _pretrain_signature(config) -> dict:
 
 
 def _update_json(path: str, key: str, value: dict):
-  if not is_chief():
-    return
-  content = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      content = json.load(f)
+  """Sets one key of a JSON file (results.json), atomically."""
+  content = checkpoints.read_json(path, {})
   content[key] = value
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(content, f, indent=1)
-  os.replace(tmp, path)
-
-
-def _best_epoch(workdir: str, phase: str) -> int:
-  """The selected epoch of a finished phase; a clear error if there is none."""
-  best_path = os.path.join(workdir, phase, "best.json")
-  if not os.path.exists(best_path):
-    raise FileNotFoundError(
-        f"{best_path} not found: train phase {phase!r} in {workdir} first.")
-  with open(best_path) as f:
-    return json.load(f)["epoch"]
+  checkpoints.write_json(path, content)
 
 
 def selected_params(config, workdir: str, phase: str, num_items: int):
@@ -544,14 +522,14 @@ def selected_params(config, workdir: str, phase: str, num_items: int):
   resolved config.json) and `num_items` (N), and `<workdir>/<phase>/best` is
   restored.
   """
-  epoch = _best_epoch(workdir, phase)
+  epoch = checkpoints.best_epoch(workdir, phase)
   T = config.data.max_len
   model = models.build_model(config.model, num_items, T)
   template = init_state(model, make_optimizer(config.train),
                         jax.random.PRNGKey(0), T)
-  manager = _manager(os.path.join(workdir, phase, "best"))
+  manager = checkpoints.manager(os.path.join(workdir, phase, "best"))
   try:
-    state = restore(manager, template, step=epoch)
+    state = checkpoints.restore(manager, template, step=epoch)
   finally:
     manager.close()
   return model, state.params
@@ -563,7 +541,7 @@ def load_selected(config, workdir: str, phase: str):
   For analyses after training (robustness, figures): rebuilds the data and
   model from `config` and restores `<workdir>/<phase>/best`.
   """
-  _best_epoch(workdir, phase)  # fail before reading the data
+  checkpoints.best_epoch(workdir, phase)  # fail before reading the data
   arrays = data_lib.build_arrays(data_lib.load_from_config(config.data),
                                  config.data.max_len)
   model, params = selected_params(config, workdir, phase, arrays.num_items)
@@ -622,6 +600,29 @@ def train_runs(config: ml_collections.ConfigDict, workdirs, seeds,
     return _train_runs(config, workdirs, seeds, pretrain_dirs)
 
 
+def make_plans(config, ds: data_lib.Dataset, data: dict):
+  """(training plan, evaluation plan or None) of the length buckets.
+
+  `train.buckets` / `train.bucket_lengths` bucket the training windows and
+  `eval.buckets` the evaluation windows (1 = off: every window at T).
+  """
+  T, B = config.data.max_len, config.train.batch_size
+  users = data_lib.train_user_index(ds)
+  if len(users) == 0:
+    raise data_lib.DataError("No user has two training items to learn from.")
+  lengths = batching.train_window_lengths(ds, users, T)
+  bounds = batching.bucket_lengths(lengths, T, config.train.buckets, B,
+                                   tuple(config.train.bucket_lengths))
+  plan = batching.train_plan(users, lengths, bounds, B)
+  if config.eval.buckets <= 1:
+    return plan, None
+  elens = batching.test_window_lengths(ds, T,
+                                       int(data["test_targets"].shape[0]))
+  ebounds = batching.choose_buckets(elens[elens > 0], config.eval.buckets,
+                                    config.eval.batch_size)
+  return plan, batching.eval_plan(elens, ebounds)
+
+
 def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
   if len(workdirs) != len(seeds) or len(set(map(os.path.abspath,
                                                 workdirs))) != len(workdirs):
@@ -663,40 +664,44 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
   else:
     state = init_state(model, optimizer, init_keys[0], T)
   state = sharding.replicate(state, mesh)
+  plan, eval_plan = make_plans(config, ds, data)
   if config.eval.item_chunk:
     if stacked:
       raise ValueError("eval.item_chunk is not supported with several runs "
                        "in one program; train the seeds one at a time.")
     ranker = evaluate.make_chunked_ranker(model, N, config.eval.batch_size,
                                           config.eval.item_chunk, mesh,
-                                          config.eval.shard_items)
+                                          config.eval.shard_items,
+                                          plan=eval_plan)
   else:
     ranker = evaluate.make_ranker(evaluate.model_scores(model), N,
-                                  config.eval.batch_size, mesh, runs=stacked)
-  num_train_users = int(data["train_users"].shape[0])
-  if num_train_users == 0:
-    raise data_lib.DataError("No user has two training items to learn from.")
+                                  config.eval.batch_size, mesh, runs=stacked,
+                                  plan=eval_plan)
   popularity = evaluate.evaluate_popularity(data, N, config.eval.batch_size,
                                             config.eval.ks, mesh=mesh)
   results = [{"data": stats, "popularity/valid": popularity} for _ in seeds]
   def phase(state, name, epochs, objective, pert, out_dirs, phase_keys):
-    epoch_fn, _ = make_train_epoch(objective, optimizer, N,
-                                   config.train.batch_size, num_train_users,
-                                   mesh, runs=stacked)
+    epoch_fn, _ = make_train_epoch(objective, optimizer, N, plan, mesh,
+                                   runs=stacked)
     return run_phase(name, state, epochs, epoch_fn, pert, data, ranker,
                      config, out_dirs, writers, phase_keys, stacked)
 
   # Phase 1: base model.
   uniform = (data["train_inputs"] > 0).astype(jnp.float32)
-  logging.info("%d train users, %d steps/epoch, %d items, T=%d, %d devices, "
-               "%d run(s)", num_train_users,
-               -(-num_train_users // config.train.batch_size), N, T,
-               mesh.size, len(seeds))
+  logging.info("%d train users, %d steps/epoch (%s), %d items, T=%d, "
+               "%d devices, %d run(s)", len(plan.users), plan.num_steps,
+               plan.describe(), N, T, mesh.size, len(seeds))
+  if eval_plan is not None:
+    logging.info("evaluation buckets: %s", ", ".join(
+        f"T={t}: {len(r)} users"
+        for t, r in zip(eval_plan.lengths, eval_plan.rows)))
   if config.train.epochs > 0:
-    state, res = phase(state, "pretrain", config.train.epochs,
-                       adversarial.make_objective(
-                           model, adversarial.method_config("none")),
-                       uniform, pre_dirs, pre_keys)
+    state, best, res = phase(state, "pretrain", config.train.epochs,
+                             adversarial.make_objective(
+                                 model, adversarial.method_config("none")),
+                             uniform, pre_dirs, pre_keys)
+    if config.adv.init == "best":
+      state = best
     for w, r, x in zip(workdirs, results, res):
       r["pretrain"] = x
       _update_json(os.path.join(w, "results.json"), "pretrain", x)
@@ -709,9 +714,10 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
                                       config.train.batch_size, method,
                                       num_users=ds.num_users)
     logging.info("level-1 weights for %s in %.2f s", method, time.time() - t_c)
-    state, res = phase(state, method, config.adv.epochs,
-                       adversarial.make_objective(model, adv_config(config)),
-                       pert, workdirs, adv_keys)
+    state, _, res = phase(state, method, config.adv.epochs,
+                          adversarial.make_objective(model,
+                                                     adv_config(config)),
+                          pert, workdirs, adv_keys)
     for w, r, x in zip(workdirs, results, res):
       r[method] = x
       _update_json(os.path.join(w, "results.json"), method, x)

@@ -6,7 +6,8 @@ import os
 import jax
 import numpy as np
 
-from cat_jax import adversarial, cascade, data, evaluate, models, train
+from cat_jax import adversarial, batching, cascade, data, evaluate, models
+from cat_jax import train
 from cat_jax.experiments import common
 
 
@@ -25,24 +26,26 @@ def test_vmapped_runs_match_runs_trained_alone(make_config):
   seeds = [0, 1]
   init_keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
 
-  multi, _ = train.make_train_epoch(objective, opt, N, 64, n_users, runs=True)
+  plan = batching.plan_from_table(arrays.train_inputs, arrays.train_users, 64)
+  multi, _ = train.make_train_epoch(objective, opt, N, plan, runs=True)
   states = train.init_states(model, opt, init_keys, T)
   for e in range(2):
     keys = jax.numpy.stack([jax.random.fold_in(k, e) for k in init_keys])
-    states, terms = multi(states, dd, pert, keys)
+    states, terms = multi(states, dd, pert, keys, jax.random.PRNGKey(e))
   assert np.asarray(terms["loss"]).shape[0] == 2
   multi_ranks = evaluate.make_ranker(evaluate.model_scores(model), N, 96,
                                      runs=True)(
       states.params, *evaluate.split_inputs(dd, "valid"), dd["history"])
 
-  single, _ = train.make_train_epoch(objective, opt, N, 64, n_users)
+  single, _ = train.make_train_epoch(objective, opt, N, plan)
   ranker = evaluate.make_ranker(evaluate.model_scores(model), N, 96)
   flat = lambda p: np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
   finals = []
   for r, k in enumerate(init_keys):
     state = train.init_state(model, opt, k, T)
     for e in range(2):
-      state, t = single(state, dd, pert, jax.random.fold_in(k, e))
+      state, t = single(state, dd, pert, jax.random.fold_in(k, e),
+                        jax.random.PRNGKey(e))
     np.testing.assert_allclose(np.asarray(t["loss"]),
                                np.asarray(terms["loss"][r]), rtol=1e-4)
     mine = flat(jax.tree.map(lambda x: x[r], states.params))

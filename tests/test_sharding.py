@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cat_jax import adversarial, cascade, data, evaluate, models, sharding
-from cat_jax import train
+from cat_jax import adversarial, batching, cascade, data, evaluate, models
+from cat_jax import sharding, train
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -36,10 +36,12 @@ def test_data_parallel_epoch_matches_one_device(make_config, method):
         train.init_state(model, opt, jax.random.PRNGKey(0), arrays.max_len),
         mesh)
     pert = cascade.weights_for_method(dd["train_inputs"], 64, method)
-    epoch, _ = train.make_train_epoch(objective, opt, arrays.num_items, 64,
-                                      int(dd["train_users"].shape[0]), mesh)
+    epoch, _ = train.make_train_epoch(
+        objective, opt, arrays.num_items, batching.plan_from_table(
+            arrays.train_inputs, arrays.train_users, 64), mesh)
     for e in range(2):
-      state, terms = epoch(state, dd, pert, jax.random.PRNGKey(e))
+      state, terms = epoch(state, dd, pert, jax.random.PRNGKey(e),
+                           jax.random.PRNGKey(e))
     if n == 8:
       leaf = jax.tree.leaves(state.params)[0]
       assert len(leaf.sharding.device_set) == 8
@@ -166,9 +168,11 @@ def test_sharded_tables_train_and_rank_as_replicated_ones(make_config):
         model, opt, jax.random.PRNGKey(0), config.data.max_len), mesh)
     pert = cascade.weights_for_method(dd["train_inputs"], 64, method,
                                       num_users=ds.num_users)
-    epoch, _ = train.make_train_epoch(objective, opt, ds.num_items, 64,
-                                      int(dd["train_users"].shape[0]), mesh)
-    state, terms = epoch(state, dd, pert, jax.random.PRNGKey(3))
+    epoch, _ = train.make_train_epoch(
+        objective, opt, ds.num_items, batching.plan_from_table(
+            arrays.train_inputs, arrays.train_users, 64), mesh)
+    state, terms = epoch(state, dd, pert, jax.random.PRNGKey(3),
+                         jax.random.PRNGKey(3))
     ranker = evaluate.make_ranker(evaluate.model_scores(model), ds.num_items,
                                   64, mesh)
     # Ranks of the same (initial) parameters must be identical.

@@ -148,7 +148,7 @@ def test_cli_trains_the_default_config_shrunk(tmp_path):
 def test_epoch_and_ranker_compile_once(make_config):
   """Epoch after epoch (new keys, new state) reuses one compiled program."""
   import jax.numpy as jnp
-  from cat_jax import adversarial, data, evaluate, models
+  from cat_jax import adversarial, batching, data, evaluate, models
   config = make_config()
   arrays = data.build_arrays(data.load_from_config(config.data),
                              config.data.max_len)
@@ -158,13 +158,60 @@ def test_epoch_and_ranker_compile_once(make_config):
   state = train.init_state(model, opt, jax.random.PRNGKey(0), arrays.max_len)
   epoch, _ = train.make_train_epoch(
       adversarial.make_objective(model, adversarial.method_config("none")),
-      opt, arrays.num_items, 64, int(dd["train_users"].shape[0]))
+      opt, arrays.num_items, batching.plan_from_table(
+          arrays.train_inputs, arrays.train_users, 64))
   ranker = evaluate.make_ranker(evaluate.model_scores(model),
                                 arrays.num_items, 96)
   pert = (dd["train_inputs"] > 0).astype(jnp.float32)
   for e in range(3):
-    state, _ = epoch(state, dd, pert, jax.random.PRNGKey(e))
+    state, _ = epoch(state, dd, pert, jax.random.PRNGKey(e),
+                     jax.random.PRNGKey(e))
     for split in ("valid", "test"):
       ranker(state.params, *evaluate.split_inputs(dd, split), dd["history"])
   assert epoch._cache_size() == 1
   assert ranker._cache_size() == 1
+
+
+def _expected_stop(values, patience):
+  """Index of the evaluation at which early stopping must stop, or None."""
+  best, since = -float("inf"), 0
+  for i, v in enumerate(values):
+    if v > best:
+      best, since = v, 0
+    else:
+      since += 1
+    if since >= patience:
+      return i
+  return None
+
+
+def test_early_stopping_stops_right_resumes_and_phase2_starts_at_best(
+    make_config, tmp_path):
+  over = {"train.epochs": 40, "train.eval_every": 1, "train.patience": 2,
+          "train.lr": 0.02, "adv.method": "none", "adv.epochs": 1,
+          "adv.init": "best"}
+  r = train.train_and_evaluate(make_config(**over), str(tmp_path / "a"))
+  lines = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+  pre = [l for l in lines if l["phase"] == "pretrain" and "valid/ndcg@10" in l]
+  stop = _expected_stop([l["valid/ndcg@10"] for l in pre], 2)
+  assert stop is not None and r["pretrain"]["stopped_early"]
+  assert len(pre) == stop + 1 and pre[-1]["epoch"] == stop + 1
+  best = max(pre, key=lambda l: l["valid/ndcg@10"])
+  assert r["pretrain"]["selected_epoch"] == best["epoch"] < pre[-1]["epoch"]
+  # Phase 2 continued from the selected checkpoint, not the last one.
+  steps = pre[0]["step"] // pre[0]["epoch"]
+  adv = [l for l in lines if l["phase"] == "none" and "valid/ndcg@10" in l]
+  assert adv[0]["step"] == (best["epoch"] + 1) * steps
+  # Interrupted before the stop (here: a shorter run), then resumed: the
+  # evaluations without improvement are carried over, so it stops at the
+  # same epoch with the same selection.
+  cut = max(best["epoch"], stop)  # before the stop, after the best
+  train.train_and_evaluate(make_config(**{**over, "train.epochs": cut,
+                                          "adv.epochs": 0}),
+                           str(tmp_path / "b"))
+  r2 = train.train_and_evaluate(make_config(**over), str(tmp_path / "b"))
+  pre2 = [l for l in read_jsonl(tmp_path / "b" / "metrics.jsonl")
+          if l["phase"] == "pretrain" and "valid/ndcg@10" in l]
+  assert [l["epoch"] for l in pre2] == [l["epoch"] for l in pre]
+  for key in ("selected_epoch", "test/ndcg@10", "last_epoch"):
+    assert r2["pretrain"][key] == r["pretrain"][key]
