@@ -2,9 +2,18 @@
 
 `configs/*.py` start from `base_config()` and change what their data set and
 model need; any field can still be overridden as `--config.train.epochs=5`.
+`describe` lists every field with its value and the comment above it here
+(`launch.py --show_config`); `command_line_error` turns a mistyped config
+file, field or argument into one line with the closest valid name.
 """
 
 from __future__ import annotations
+
+import difflib
+import importlib.util
+import inspect
+import os
+import re
 
 import ml_collections
 
@@ -181,7 +190,8 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
     key, eq, value = item.partition("=")
     if key not in spec:
       raise ValueError(
-          f"Unknown config argument {key!r}; known: {sorted(spec)}.")
+          f"Unknown config argument {key!r}{_did_you_mean(key, spec)}; "
+          f"known: {', '.join(sorted(spec))}.")
     default = spec[key]
     if not eq:
       if not isinstance(default, bool):
@@ -194,3 +204,127 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
     else:
       out[key] = type(default)(value)
   return out
+
+
+def _did_you_mean(name: str, options) -> str:
+  close = difflib.get_close_matches(name, list(options), n=1)
+  return f" (did you mean {close[0]}?)" if close else ""
+
+
+def flat_fields(config, prefix: str = "") -> dict:
+  """{'train.epochs': 500, ...}: every leaf of a ConfigDict, in order."""
+  out = {}
+  for key, value in config.items():
+    name = prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flat_fields(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def field_comments() -> dict:
+  """{'train.epochs': 'Phase 1: epochs of base training (paper: 500).'}.
+
+  Read from the comments above each assignment in `base_config`; a field
+  written right after another without its own comment shares that one.
+  """
+  out, comment, last = {}, [], ""
+  for line in inspect.getsource(base_config).splitlines():
+    text = line.strip()
+    m = re.match(r"c\.([\w.]+) = (?!ml_collections)", text)
+    if text.startswith("#"):
+      if last:  # a new comment starts a new group
+        comment, last = [], ""
+      comment.append(text.lstrip("# "))
+    elif m:
+      last = " ".join(comment) or last
+      out[m.group(1)] = last
+      comment = []
+    elif not text or "ConfigDict()" in text:
+      comment, last = [], ""
+  return out
+
+
+def describe(config) -> str:
+  """Every field of `config` as 'name = value  # comment', one per line."""
+  comments = field_comments()
+  lines = []
+  for name, value in flat_fields(config).items():
+    note = comments.get(name, "")
+    lines.append(f"{name} = {value!r}" + (f"  # {note}" if note else ""))
+  return "\n".join(lines)
+
+
+def load_config_file(spec: str):
+  """The ConfigDict of 'path/to/config.py[:arg]' (as --config loads it)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_cat_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def config_spec(argv, default: str) -> str:
+  """The --config value of a command line ('file.py:arg'), or `default`."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a[len("--config="):]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
+
+
+def command_line_error(error: BaseException, argv,
+                       default_config: str = "") -> str:
+  """One line for a config mistake on the command line.
+
+  Args:
+    error: what parsing the flags (or reading --config) raised.
+    argv: the command line.
+    default_config: the config file used when argv has no --config.
+
+  Handles a missing config file (with the closest file in its folder), an
+  unknown --config.<field> (with the closest field), and the errors of the
+  config file's own argument parsing (`parse_arg`); anything else gives the
+  innermost error's first line.
+  """
+  spec = config_spec(argv, default_config)
+  path = spec.partition(":")[0]
+  if not os.path.isfile(path):
+    folder = os.path.dirname(path) or "."
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".py")) \
+        if os.path.isdir(folder) else []
+    hint = _did_you_mean(os.path.basename(path), files)
+    return (f"config file not found: {path}{hint}" +
+            (f"; the configs in {folder}/ are {', '.join(files)}."
+             if files else "."))
+  try:
+    names = list(flat_fields(load_config_file(spec)))
+  except Exception:  # noqa: BLE001 (the config's own error is below)
+    names = list(flat_fields(base_config()))
+  for a in argv:
+    field = a[len("--config."):].partition("=")[0] \
+        if a.startswith("--config.") else None
+    if field and field not in names:
+      return (f"unknown config field --config.{field}"
+              f"{_did_you_mean(field, names)}; `python launch.py "
+              "--show_config` lists every field.")
+  chain, e = [], error
+  while e is not None and e not in chain:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  msg = str(error)
+  for x in reversed(chain):  # the innermost error says what went wrong
+    text = str(x).strip()
+    if text and "Traceback" not in text:
+      msg = text
+      break
+  msg = msg.splitlines()[0]
+  if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
+    msg = msg[1:-1]  # a KeyError's repr
+  for a in argv:  # name the override whose value failed to parse
+    name, eq, value = a.partition("=")
+    if name.startswith("--config.") and eq and value and value in msg:
+      return f"{a}: {msg}"
+  return msg

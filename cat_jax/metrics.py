@@ -32,6 +32,8 @@ def target_rank(scores: jax.Array, targets: jax.Array,
   Returns:
     [B] int32 ranks.
   """
+  # NumPy inputs work too (`.at` below needs JAX arrays).
+  scores, targets, exclude = map(jnp.asarray, (scores, targets, exclude))
   rows = jnp.arange(scores.shape[0])
   target_score = scores[rows, targets]
   candidate = ~exclude
@@ -42,6 +44,7 @@ def target_rank(scores: jax.Array, targets: jax.Array,
 
 def metrics_from_rank(rank: jax.Array, ks: Sequence[int] = (10,)) -> dict:
   """Per-row `ndcg@K`, `hr@K` for K in ks, and `mrr`, from 1-based ranks."""
+  rank = jnp.asarray(rank)
   rank_f = rank.astype(jnp.float32)
   out = {}
   for k in ks:

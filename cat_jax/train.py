@@ -31,6 +31,7 @@ from absl import logging
 from cat_jax import adversarial, batching, cascade, checkpoints
 from cat_jax import data as data_lib
 from cat_jax import evaluate, models
+from cat_jax import recommend, report
 from cat_jax import sampling, sharding
 from cat_jax.writer import JsonlWriter, is_chief
 
@@ -236,6 +237,15 @@ def phase_patience(config, phase: str) -> int:
       config.adv.patience
 
 
+def _duration(seconds: float) -> str:
+  """'42 s', '7.5 min' or '2.1 h'."""
+  if seconds < 120:
+    return f"{seconds:.0f} s"
+  if seconds < 7200:
+    return f"{seconds / 60:.1f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
 def order_key(config, epoch: int) -> jax.Array:
   """The key that orders the length buckets' batches in `epoch` (shared by
   all runs of a vectorized group; see `batching`)."""
@@ -244,17 +254,18 @@ def order_key(config, epoch: int) -> jax.Array:
 
 
 def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
-                  validate, config):
+                  validate, config, preemption=None):
   """The epoch loop of `run_phase`; returns the final state.
 
   Stops after `epochs`, or once every run has gone `patience` evaluations
   without a better validation metric (a run that stops early keeps its
-  checkpoints while the others of its group train on).
+  checkpoints while the others of its group train on). On a signal
+  (`checkpoints.Preemption`) it saves `latest` at the end of the epoch and
+  raises `checkpoints.Interrupted`.
   """
   phase, select = runs.phase, runs.select
   eval_every = phase_eval_every(config, phase)
   patience = phase_patience(config, phase)
-  t_phase = time.time()
   for epoch in range(start + 1, epochs + 1):
     active = runs.active(patience)
     if not active:
@@ -269,16 +280,23 @@ def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
     dt = time.time() - t0
     n_steps = len(terms[0]["loss"]) * len(runs)
     means = [{k: float(np.mean(v)) for k, v in t.items()} for t in terms]
-    if epoch % config.train.log_every == 0 or epoch == epochs:
-      elapsed = time.time() - t_phase
-      eta = elapsed / (epoch - start) * (epochs - epoch)
-      avg = {k: np.mean([means[r][k] for r in active]) for k in means[0]}
-      logging.info(
-          "[%s] epoch %d/%d loss %.4f (bce %.4f adv1 %.4f adv2 %.4f%s) "
-          "%.1f steps/s, %.2f s/epoch, ETA %.0f s", phase, epoch, epochs,
-          avg["loss"], avg["bce"], avg["adv1"], avg["adv2"],
-          f"; mean of {len(active)} runs" if runs.stacked else "",
-          n_steps / dt, dt, eta)
+    avg = {k: np.mean([means[r][k] for r in active]) for k in means[0]}
+    losses_line = "loss %.4f (bce %.4f adv1 %.4f adv2 %.4f%s)" % (
+        avg["loss"], avg["bce"], avg["adv1"], avg["adv2"],
+        f"; mean of {len(active)} runs" if runs.stacked else "")
+    if epoch == start + 1:
+      # The first epoch of a process includes compiling the epoch; it is
+      # reported on its own and left out of throughput and ETA.
+      logging.info("[%s] epoch %d/%d %s; %.1f s including compilation",
+                   phase, epoch, epochs, losses_line, dt)
+      t_timed, timed_epochs = time.time(), 0
+    else:
+      timed_epochs += 1
+      if epoch % config.train.log_every == 0 or epoch == epochs:
+        per_epoch = (time.time() - t_timed) / timed_epochs
+        logging.info("[%s] epoch %d/%d %s %.1f steps/s, %.2f s/epoch, "
+                     "ETA %s", phase, epoch, epochs, losses_line,
+                     n_steps / dt, dt, _duration(per_epoch * (epochs - epoch)))
     if epoch % eval_every == 0 or epoch == epochs:
       t_eval = time.time()
       vals = validate(state.params)
@@ -301,12 +319,20 @@ def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
              **{f"valid/{k}": v for k, v in val.items()},
              "steps_per_s": n_steps / dt, "epoch_s": dt, "eval_s": eval_s})
         logging.info("[%s] epoch %d valid%s %s", phase, epoch, runs.where(r),
-                     " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+                     report.metrics_line(val))
         if sel.stopped(patience):
           logging.info("[%s]%s early stop at epoch %d: no better %s in %d "
                        "evaluations (best %.4f at epoch %d)", phase,
                        runs.where(r), epoch, select, patience, sel.value,
                        sel.epoch)
+    signum = preemption.reached(runs.latest[0], epoch) if preemption else 0
+    if signum:
+      parts = runs.split(state)
+      for r in active:
+        if runs.latest[r].latest_step() != epoch:
+          checkpoints.save(runs.latest[r], epoch, parts[r])
+      runs.wait()
+      raise checkpoints.Interrupted(phase, epoch, signum)
   return state
 
 
@@ -339,7 +365,7 @@ def _resume(runs: _Runs, state, patience: int):
 
 def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
               data: dict, ranker, config, workdirs, writers, root_keys,
-              stacked: bool = False):
+              stacked: bool = False, preemption=None):
   """Trains `epochs` epochs (resuming), selects on validation, tests once.
 
   `workdirs`, `writers` and `root_keys` hold one entry per run. With one run
@@ -383,7 +409,7 @@ def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
     t_phase = time.time()
     try:
       state = _train_epochs(runs, state, start, epochs, epoch_fn, pert, data,
-                            validate, config)
+                            validate, config, preemption)
     finally:
       # Saves are asynchronous: finish them even when training stops early
       # (a NaN, Ctrl-C), so that the last good checkpoint is complete on disk.
@@ -409,8 +435,7 @@ def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
                              **{f"test/{k}": v for k, v in test.items()}})
       checkpoints.write_json(results_paths[r], results)
       logging.info("[%s]%s selected epoch %d; test %s", phase, runs.where(r),
-                   sel.epoch,
-                   " ".join(f"{k}={v:.4f}" for k, v in test.items()))
+                   sel.epoch, report.metrics_line(test))
       out.append(results)
     return state, selected, out
   finally:
@@ -487,27 +512,6 @@ def validate_config(config):
                      f"reported metrics for eval.ks={ks}.")
 
 
-def _pretrain_signature(config) -> dict:
-  """The config fields that define the phase-1 model.
-
-  Leaves out what may change between a run and its resumption or reuse: the
-  number of epochs, logging and evaluation settings, and phase 2 (`adv`).
-  """
-  d = config.to_dict()
-  for key in ("adv", "eval", "parallel"):
-    d.pop(key)
-  for key in ("epochs", "eval_every", "log_every", "pretrain_dir",
-              "patience"):
-    d["train"].pop(key)
-  # Precision knobs at their defaults are left out, so that workdirs written
-  # before these knobs existed stay valid.
-  if d["model"].get("dtype") == "float32":
-    d["model"].pop("dtype")
-  if d["train"].get("matmul_precision") == "default":
-    d["train"].pop("matmul_precision")
-  return json.loads(json.dumps(d, default=str))
-
-
 def _update_json(path: str, key: str, value: dict):
   """Sets one key of a JSON file (results.json), atomically."""
   content = checkpoints.read_json(path, {})
@@ -548,41 +552,20 @@ def load_selected(config, workdir: str, phase: str):
   return model, params, device_data(arrays), arrays.num_items
 
 
-def _check_pretrain(config, pre_dir: str, reuse: bool):
-  """Guards a shared phase 1: `pre_dir` must hold this config's pretraining.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       retrain: bool = False) -> dict:
+  """Runs phase 1 and (if adv.epochs > 0) phase 2; returns results.json.
 
-  Writes the signature on first use; `reuse=True` (train.pretrain_dir was
-  given) requires it to exist already.
+  `retrain=True` deletes and retrains the phases of `workdir` that were
+  trained under other settings, instead of refusing (see `checkpoints`).
   """
-  sig_path = os.path.join(pre_dir, "pretrain", "signature.json")
-  signature = _pretrain_signature(config)
-  if os.path.exists(sig_path):
-    with open(sig_path) as f:
-      if json.load(f) != signature:
-        raise ValueError(
-            f"{os.path.join(pre_dir, 'pretrain')} was pretrained with another "
-            "data/model/train config; use another workdir (or "
-            "train.pretrain_dir) for this one.")
-  elif reuse:
-    raise FileNotFoundError(
-        f"train.pretrain_dir={pre_dir!r} holds no pretrain/ phase; run phase "
-        "1 there first.")
-  elif is_chief():
-    os.makedirs(os.path.dirname(sig_path), exist_ok=True)
-    with open(sig_path, "w") as f:
-      json.dump(signature, f, indent=1)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict:
-  """Runs phase 1 and (if adv.epochs > 0) phase 2; returns results.json."""
   pre = config.train.pretrain_dir
   return train_runs(config, [workdir], [config.seed],
-                    [pre] if pre else None)[0]
+                    [pre] if pre else None, retrain=retrain)[0]
 
 
 def train_runs(config: ml_collections.ConfigDict, workdirs, seeds,
-               pretrain_dirs=None) -> list:
+               pretrain_dirs=None, retrain: bool = False) -> list:
   """Trains one run per seed, all in one vectorized program (`jax.vmap`).
 
   Each run gives what `train_and_evaluate` gives for that seed alone (same
@@ -592,12 +575,15 @@ def train_runs(config: ml_collections.ConfigDict, workdirs, seeds,
   replaced by `seeds` and `pretrain_dirs` (None: each workdir pretrains).
   A single run is trained without the run axis.
 
+  Nothing is written before the config, the workdirs
+  (`checkpoints.check_workdir`) and the data have been checked.
+
   Returns:
     One results dict (as in results.json) per run.
   """
   validate_config(config)
   with matmul_precision(config):
-    return _train_runs(config, workdirs, seeds, pretrain_dirs)
+    return _train_runs(config, workdirs, seeds, pretrain_dirs, retrain)
 
 
 def make_plans(config, ds: data_lib.Dataset, data: dict):
@@ -623,7 +609,12 @@ def make_plans(config, ds: data_lib.Dataset, data: dict):
   return plan, batching.eval_plan(elens, ebounds)
 
 
-def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
+# Fewer evaluation users than this make every metric noise (one user moves
+# NDCG@10 by up to 1/users); the run warns.
+MIN_EVAL_USERS = 100
+
+
+def _train_runs(config, workdirs, seeds, pretrain_dirs, retrain) -> list:
   if len(workdirs) != len(seeds) or len(set(map(os.path.abspath,
                                                 workdirs))) != len(workdirs):
     raise ValueError(f"Need one distinct workdir per seed; got {workdirs} "
@@ -631,9 +622,14 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
   stacked = len(seeds) > 1
   reuse = pretrain_dirs is not None
   pre_dirs = list(pretrain_dirs) if reuse else list(workdirs)
-  for w in workdirs:
-    os.makedirs(w, exist_ok=True)
-  writers = [JsonlWriter(os.path.join(w, "metrics.jsonl")) for w in workdirs]
+  run_configs = []
+  for seed, pre in zip(seeds, pre_dirs):
+    c = config.copy_and_resolve_references()
+    c.seed = seed
+    c.train.pretrain_dir = pre if reuse else ""
+    run_configs.append(c)
+  checks = [checkpoints.check_workdir(c, w, pre, reuse, retrain)
+            for c, w, pre in zip(run_configs, workdirs, pre_dirs)]
 
   t0 = time.time()
   ds = data_lib.load_from_config(config.data)
@@ -645,16 +641,38 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
     data = sharding.replicate(
         device_data(data_lib.build_arrays(ds, config.data.max_len)), mesh)
   logging.info("data: %s (%.1f s)", stats, time.time() - t0)
-  N, T = ds.num_items, config.data.max_len
-  for w, seed, pre in zip(workdirs, seeds, pre_dirs):
-    c = config.copy_and_resolve_references()
-    c.seed = seed
-    c.train.pretrain_dir = pre if reuse else ""
-    if is_chief():
-      with open(os.path.join(w, "config.json"), "w") as f:
-        f.write(c.to_json_best_effort(indent=1))
-    _check_pretrain(c, pre, reuse)
+  n_eval = len(data_lib.eval_user_index(ds))
+  if n_eval < MIN_EVAL_USERS:
+    logging.warning(
+        "only %d users have a validation and a test item (fewer than %d): "
+        "each one moves NDCG@10 by up to 1/%d, so the metrics of this run "
+        "are mostly noise.", n_eval, MIN_EVAL_USERS, max(n_eval, 1))
+  plan, eval_plan = make_plans(config, ds, data)
 
+  # Everything is checked; from here on the run writes.
+  for check, w, c in zip(checks, workdirs, run_configs):
+    checkpoints.apply_deletions(check, [w])
+    if is_chief():
+      os.makedirs(w, exist_ok=True)
+      checkpoints.write_json(os.path.join(w, "config.json"),
+                             json.loads(c.to_json_best_effort()))
+      recommend.write_item_ids(w, ds)
+  writers = [JsonlWriter(os.path.join(w, "metrics.jsonl")) for w in workdirs]
+  try:
+    with checkpoints.Preemption() as preemption:
+      return _train_phases(config, run_configs, workdirs, pre_dirs, seeds,
+                           stacked, ds, stats, data, mesh, plan, eval_plan,
+                           writers, preemption)
+  finally:
+    for wr in writers:
+      wr.close()
+
+
+def _train_phases(config, run_configs, workdirs, pre_dirs, seeds, stacked,
+                  ds, stats, data, mesh, plan, eval_plan, writers,
+                  preemption) -> list:
+  """Phase 1, then phase 2, for checked and prepared workdirs."""
+  N, T = ds.num_items, config.data.max_len
   model = models.build_model(config.model, N, T)
   optimizer = make_optimizer(config.train)
   keys = [jax.random.split(jax.random.PRNGKey(s), 3) for s in seeds]
@@ -664,7 +682,6 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
   else:
     state = init_state(model, optimizer, init_keys[0], T)
   state = sharding.replicate(state, mesh)
-  plan, eval_plan = make_plans(config, ds, data)
   if config.eval.item_chunk:
     if stacked:
       raise ValueError("eval.item_chunk is not supported with several runs "
@@ -684,7 +701,8 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
     epoch_fn, _ = make_train_epoch(objective, optimizer, N, plan, mesh,
                                    runs=stacked)
     return run_phase(name, state, epochs, epoch_fn, pert, data, ranker,
-                     config, out_dirs, writers, phase_keys, stacked)
+                     config, out_dirs, writers, phase_keys, stacked,
+                     preemption)
 
   # Phase 1: base model.
   uniform = (data["train_inputs"] > 0).astype(jnp.float32)
@@ -696,6 +714,10 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
         f"T={t}: {len(r)} users"
         for t, r in zip(eval_plan.lengths, eval_plan.rows)))
   if config.train.epochs > 0:
+    for c, pre in zip(run_configs, pre_dirs):
+      pdir = os.path.join(pre, checkpoints.PRETRAIN)
+      if not os.path.exists(os.path.join(pdir, "signature.json")):
+        checkpoints.write_signature(c, pdir, checkpoints.PRETRAIN)
     state, best, res = phase(state, "pretrain", config.train.epochs,
                              adversarial.make_objective(
                                  model, adversarial.method_config("none")),
@@ -714,6 +736,12 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
                                       config.train.batch_size, method,
                                       num_users=ds.num_users)
     logging.info("level-1 weights for %s in %.2f s", method, time.time() - t_c)
+    for c, w, pre in zip(run_configs, workdirs, pre_dirs):
+      mdir = os.path.join(w, method)
+      if not os.path.exists(os.path.join(mdir, "signature.json")):
+        checkpoints.write_signature(
+            c, mdir, method, checkpoints.phase1_end(
+                os.path.join(pre, checkpoints.PRETRAIN), c))
     state, _, res = phase(state, method, config.adv.epochs,
                           adversarial.make_objective(model,
                                                      adv_config(config)),
@@ -725,6 +753,4 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs) -> list:
     _update_json(os.path.join(w, "results.json"), "data", stats)
     _update_json(os.path.join(w, "results.json"), "popularity/valid",
                  popularity)
-  for wr in writers:
-    wr.close()
   return results

