@@ -16,6 +16,13 @@ test), compilation included, on synthetic Markov data of the shape.
 `topk` times `recommend.make_top_k` (top-20, history excluded) for every
 user of the shape, from their whole sequences (`--item_chunk` as for eval).
 
+Length buckets: `--buckets=1,4` measures every epoch and evaluation
+unbucketed (1) and with 4 length buckets chosen from the data (names end
+in `_b4`). The shapes `video_file` and `beauty_file` use the real Amazon
+files (Video.txt, Beauty.txt from $CAT_DATA_DIR or ../shared/data), so
+bucketing sees the real length distribution; without the file they print
+a `skipped` line.
+
 Each measurement runs once to compile (not timed), then `--repeats` times;
 the median is reported. Data are synthetic with the named shape (users,
 items, interactions, T), generated here, so nothing is downloaded.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -44,6 +52,11 @@ SHAPES = {
     "large": (1_000_000, 1_000_000, 12.0, 50),
     "tiny": (300, 100, 8.0, 10),  # for the tests
 }
+# Shapes read from a real data file (name: (file, T)).
+FILE_SHAPES = {"video_file": ("Video.txt", 50),
+               "beauty_file": ("Beauty.txt", 50)}
+SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                           "..", "shared", "data")
 WHAT = ("epoch_base", "epoch_cas", "epoch_runs", "eval", "cascade",
         "cascade_100m", "protocol", "topk")
 TOPK_K = 20  # items per user of the topk measurement
@@ -99,46 +112,82 @@ def protocol_config(name: str, model_name: str, epochs, eval_every: int):
   return c
 
 
+def load_shape(name: str):
+  """(Dataset, T) of a shape, or None when a file shape's file is absent."""
+  if name in FILE_SHAPES:
+    fname, T = FILE_SHAPES[name]
+    for d in (os.environ.get("CAT_DATA_DIR", ""), SHARED_DATA):
+      path = os.path.join(d, fname)
+      if d and os.path.exists(path):
+        return data.load_dataset(path), T
+    return None
+  users, items, mean_len, T = SHAPES[name]
+  return random_dataset(users, items, mean_len), T
+
+
 def bench_shape(name: str, what, repeats: int, model_name: str,
                 item_chunk: int = 0, runs: int = 3,
-                protocol_epochs=(500, 100)):
-  users, items, mean_len, T = SHAPES[name]
-  ds = random_dataset(users, items, mean_len)
+                protocol_epochs=(500, 100), buckets=(1,)):
+  loaded = load_shape(name)
+  if loaded is None:
+    yield {"name": "skipped", "shape": name,
+           "reason": f"{FILE_SHAPES[name][0]} not found in $CAT_DATA_DIR "
+                     "or ../shared/data"}
+    return
+  ds, T = loaded
+  users, items = ds.num_users, ds.num_items
   arrays = data.build_arrays(ds, T)
   cfg = config_lib.base_config()
   cfg.model.name = model_name
   dd = train.device_data(arrays)
   model = models.build_model(cfg.model, items, T)
   opt = train.make_optimizer(cfg.train)
-  plan = batching.plan_from_table(arrays.train_inputs, arrays.train_users,
-                                  cfg.train.batch_size)
   shape = {"users": users, "items": items,
-           "interactions": int(sum(len(s) for s in ds.sequences)), "T": T}
+           "interactions": ds.num_interactions, "T": T}
   base = {"device": str(jax.devices()[0].device_kind),
           "backend": jax.default_backend(), "shape": name, **shape,
           "model": model_name}
 
+  def plan_for(b):
+    return batching.plan_from_table(arrays.train_inputs, arrays.train_users,
+                                    cfg.train.batch_size, num_buckets=b)
+
+  def eval_plan_for(b):
+    if b <= 1:
+      return None
+    lens = batching.test_window_lengths(ds, T)
+    return batching.eval_plan(lens, batching.choose_buckets(
+        lens, b, cfg.eval.batch_size))
+
+  suffix = lambda b: "" if b <= 1 else f"_b{b}"
+  plan = plan_for(1)
   for w in what:
     if w in ("epoch_base", "epoch_cas"):
       method = "none" if w == "epoch_base" else "cas"
-      state = train.init_state(model, opt, jax.random.PRNGKey(0), T)
-      epoch, steps = train.make_train_epoch(
-          adversarial.make_objective(model, adversarial.method_config(method)),
-          opt, items, plan)
       pert = cascade.weights_for_method(dd["train_inputs"],
                                         cfg.train.batch_size, method)
-      holder = {"state": state, "i": 0}
+      for b in buckets:
+        bplan = plan_for(b)
+        state = train.init_state(model, opt, jax.random.PRNGKey(0), T)
+        epoch, steps = train.make_train_epoch(
+            adversarial.make_objective(model,
+                                       adversarial.method_config(method)),
+            opt, items, bplan)
+        holder = {"state": state, "i": 0}
 
-      def run():
-        holder["i"] += 1
-        key = jax.random.PRNGKey(holder["i"])
-        holder["state"], terms = epoch(holder["state"], dd, pert, key, key)
-        return terms["loss"]
+        def run():
+          holder["i"] += 1
+          key = jax.random.PRNGKey(holder["i"])
+          holder["state"], terms = epoch(holder["state"], dd, pert, key, key)
+          return terms["loss"]
 
-      sec, times = timed(run, repeats)
-      yield {"name": f"{w}_{model_name}", **base, "seconds": sec,
-             "steps_per_s": steps / sec, "runs": times,
-             "peak_bytes": peak_memory()}
+        t0 = time.perf_counter()
+        sec, times = timed(run, repeats)
+        first = time.perf_counter() - t0 - sum(times)
+        yield {"name": f"{w}_{model_name}{suffix(b)}", **base, "seconds": sec,
+               "steps_per_s": steps / sec, "runs": times,
+               "compile_and_first_s": first,
+               "buckets": list(bplan.lengths), "peak_bytes": peak_memory()}
     elif w == "epoch_runs":
       keys = jax.random.split(jax.random.PRNGKey(0), runs)
       holder = {"state": train.init_states(model, opt, keys, T), "i": 0}
@@ -160,6 +209,9 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
              "seconds": sec, "seconds_per_run": sec / runs,
              "steps_per_s": runs * steps / sec, "times": times,
              "peak_bytes": peak_memory()}
+    elif w == "protocol" and name in FILE_SHAPES:
+      yield {"name": "skipped", "shape": name,
+             "reason": "protocol runs on synthetic shapes only"}
     elif w == "protocol":
       c = protocol_config(name, model_name, protocol_epochs, 20)
       with tempfile.TemporaryDirectory() as tmp:
@@ -172,18 +224,22 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
              "peak_bytes": peak_memory()}
     elif w == "eval":
       params = model.init(jax.random.PRNGKey(0), jnp.ones((1, T), jnp.int32))
-      if item_chunk:
-        ranker = evaluate.make_chunked_ranker(model, items,
-                                              cfg.eval.batch_size, item_chunk)
-      else:
-        ranker = evaluate.make_ranker(evaluate.model_scores(model), items,
-                                      cfg.eval.batch_size)
-      sec, times = timed(lambda: ranker(
-          params, *evaluate.split_inputs(dd, "test"), dd["history"]), repeats)
-      yield {"name": f"eval_{model_name}", **base, "item_chunk": item_chunk,
-             "seconds": sec,
-             "users_per_s": int(dd["eval_users"].shape[0]) / sec,
-             "runs": times, "peak_bytes": peak_memory()}
+      for b in buckets:
+        eplan = eval_plan_for(b)
+        if item_chunk:
+          ranker = evaluate.make_chunked_ranker(
+              model, items, cfg.eval.batch_size, item_chunk, plan=eplan)
+        else:
+          ranker = evaluate.make_ranker(evaluate.model_scores(model), items,
+                                        cfg.eval.batch_size, plan=eplan)
+        sec, times = timed(lambda: ranker(
+            params, *evaluate.split_inputs(dd, "test"), dd["history"]),
+            repeats)
+        yield {"name": f"eval_{model_name}{suffix(b)}", **base,
+               "item_chunk": item_chunk, "seconds": sec,
+               "users_per_s": int(dd["eval_users"].shape[0]) / sec,
+               "buckets": list(eplan.lengths) if eplan else [T],
+               "runs": times, "peak_bytes": peak_memory()}
     elif w == "topk":
       params = model.init(jax.random.PRNGKey(0), jnp.ones((1, T), jnp.int32))
       recommender = recommend.make_top_k(
@@ -221,10 +277,18 @@ def main():
                   "(eval, topk)")
   ap.add_argument("--runs", type=int, default=3,
                   help="runs trained together by epoch_runs")
+  ap.add_argument("--buckets", default="1",
+                  help="comma-separated bucket counts for epochs and eval "
+                       "(1 = unbucketed)")
   ap.add_argument("--protocol_epochs", default="500,100",
                   help="phase-1,phase-2 epochs of the protocol measurement")
   a = ap.parse_args()
   what = [w for w in a.what.split(",") if w]
+  try:
+    buckets = tuple(int(x) for x in a.buckets.split(",") if x)
+    assert buckets and min(buckets) >= 1
+  except (ValueError, AssertionError):
+    ap.error(f"--buckets must be counts >= 1 like '1,4', got {a.buckets!r}")
   try:
     protocol = tuple(int(x) for x in a.protocol_epochs.split(","))
     assert len(protocol) == 2
@@ -235,13 +299,14 @@ def main():
     if w not in WHAT:
       ap.error(f"unknown --what {w!r}; choose from {WHAT}")
   for shape in a.shapes.split(","):
-    if shape not in SHAPES:
-      ap.error(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+    if shape not in SHAPES and shape not in FILE_SHAPES:
+      ap.error(f"unknown shape {shape!r}; choose from "
+               f"{sorted(SHAPES) + sorted(FILE_SHAPES)}")
     for i, m in enumerate(a.models.split(",")):
       # Cascade scores do not depend on the model: measure them once.
       todo = [w for w in what if w not in MODEL_FREE or i == 0]
       for record in bench_shape(shape, todo, a.repeats, m, a.item_chunk,
-                                a.runs, protocol):
+                                a.runs, protocol, buckets):
         print(json.dumps(record), flush=True)
 
 
