@@ -62,3 +62,40 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
   lines = open(tmp_path / "multi" / "metrics.jsonl").read().splitlines()
   assert len(lines) == len(
       open(tmp_path / "single" / "metrics.jsonl").read().splitlines())
+
+
+def test_sigterm_on_one_process_stops_both_at_the_same_epoch(tmp_path):
+  """JAX's preemption service (through Orbax's reached_preemption) makes a
+  SIGTERM on one host stop every process after the same epoch, with a save."""
+  import signal
+  import time
+  port = free_port()
+  long_run = ["--config.train.epochs=60", "--config.train.eval_every=7",
+              "--config.model.hidden=16"]
+  procs = [launch(tmp_path / "run", tmp_path / f"p{i}.log", 2,
+                  f"--coordinator_address=localhost:{port}",
+                  "--num_processes=2", f"--process_id={i}", *long_run)
+           for i in range(2)]
+  try:
+    deadline = time.time() + 300
+    while "epoch 4/60" not in open(tmp_path / "p0.log").read():
+      assert time.time() < deadline and procs[0].poll() is None, \
+          open(tmp_path / "p0.log").read()[-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  epochs = []
+  for i, p in enumerate(procs):
+    log = open(tmp_path / f"p{i}.log").read()
+    assert p.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "Traceback" not in log
+    line = [l for l in log.splitlines() if "interrupted at epoch" in l][-1]
+    epochs.append(int(line.split("epoch ")[1].split()[0]))
+  assert epochs[0] == epochs[1] < 60
+  assert os.listdir(tmp_path / "run" / "pretrain" / "latest") == [
+      str(epochs[0])]
