@@ -9,6 +9,8 @@ L2-normalized gradient computed inline with `jax.grad` and then held constant
 The reusable entry point is `adv_step`: it needs only an encoder
 `encode(S) -> W` (any JAX function; close over params and dropout rng), the
 embeddings, and the step weights, and returns every loss term.
+`level1_perturbation` returns the level-1 perturbation that `adv_step` adds
+to S, to inspect what each method does.
 
 Methods (`config.adv.method`):
   none          L_B                      (keep training the base model)
@@ -20,6 +22,27 @@ Methods (`config.adv.method`):
   cas           as global, level-1 weights 1/C (Eq. 4.11): the paper's method
   cas_temporal  as cas, C = temporal term only (1 + T - t)
   cas_cross     as cas, C = 1 + cross-user term only
+
+Level 1 (Eq. 4.6/4.7). With w the level-1 weights ([B, T], 1/C or uniform,
+0 at padding), the encoder sees S + delta, delta = w ⊙ A, and
+  direction 'input' (default, Eq. 4.7): A = eps g / ||g||, g = dL/dX the
+    gradient of the level-1 loss with respect to the encoder input X (for
+    `distance`, taken at the random start X = S + delta_0 of virtual
+    adversarial training; for `seq`, at X = S);
+  direction 'weighted': A = eps g_A / ||g_A||, g_A = dL(S + w ⊙ A)/dA = w ⊙ g,
+    the first-order maximizer of L(S + w ⊙ A) over ||A|| <= eps; the applied
+    delta is then proportional to w^2 ⊙ g (the code before issue 12).
+How much is spent (Sec. 5.4: every method adds the same total magnitude):
+  budget 'equal' (default): delta is rescaled so that ||delta|| is what
+    `global` applies, eps per sequence (scope 'row') or in total over the
+    batch (scope 'batch'); the weights only redistribute it across positions,
+    so their overall scale does not matter;
+  budget 'mean': delta = w ⊙ A with the weights as given (`cascade` normalizes
+    1/C to mean 1 over the whole data set), so a sequence's ||delta|| varies.
+Every level-1 norm, the random start and the relative size (`relative`) are
+taken over the real positions only (w > 0), and the random start is drawn per
+position counted from the end of the window, so a left-padded sequence gets
+the same perturbation whatever the amount of padding (same rng).
 """
 
 from __future__ import annotations
@@ -34,10 +57,13 @@ from cat_jax import losses
 METHODS = ("none", "linear", "seq", "global", "cas", "cas_temporal",
            "cas_cross")
 CASCADE_METHODS = ("cas", "cas_temporal", "cas_cross")
+SCOPES = ("row", "batch")
+DIRECTIONS = ("input", "weighted")
+BUDGETS = ("equal", "mean")
 
 
 class AdvConfig(NamedTuple):
-  """What `adv_step` computes; plain floats/bools so it is static under jit.
+  """What `adv_step` computes; plain floats/strings so it is static under jit.
 
   level1: 'none', 'distance' (Eq. 4.6/4.7, L_adv1) or 'bce' (method `seq`).
   level2: whether to add L_adv2 (Eq. 4.8/4.9).
@@ -48,7 +74,12 @@ class AdvConfig(NamedTuple):
     d-vector at level 2. 'batch': the whole batch tensor (B, T, d) at both
     levels, so each row gets about eps / sqrt(B*T).
   relative: eps is a fraction of the norm of what is perturbed (over the
-    same axes as the perturbation's norm), not an absolute size.
+    same axes as the perturbation's norm; at level 1 over the real
+    positions of S), not an absolute size.
+  direction: level-1 direction, 'input' (Eq. 4.7) or 'weighted' (see the
+    module docstring).
+  budget: level-1 size, 'equal' (every method applies global's norm) or
+    'mean' (w ⊙ A with the data-set-wide mean-1 weights).
   """
   level1: str = "none"
   level2: bool = False
@@ -58,20 +89,33 @@ class AdvConfig(NamedTuple):
   xi: float = 1e-3
   scope: str = "row"
   relative: bool = False
-
-
-SCOPES = ("row", "batch")
+  direction: str = "input"
+  budget: str = "equal"
 
 
 def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
                   lambda2: float = 1.0, xi: float = 1e-3,
-                  scope: str = "row", relative: bool = False) -> AdvConfig:
-  """AdvConfig of a named method; raises a clear error on bad values."""
+                  scope: str = "row", relative: bool = False,
+                  direction: str = "input",
+                  budget: str = "equal") -> AdvConfig:
+  """AdvConfig of a named method; raises a clear error on bad values.
+
+  Args:
+    method: one of METHODS.
+    eps, lambda1, lambda2, xi, scope, relative, direction, budget: see
+      `AdvConfig` (direction and budget act on level 1 only).
+  """
   if method not in METHODS:
     raise ValueError(
         f"Unknown adv.method {method!r}; choose one of {METHODS}.")
   if scope not in SCOPES:
     raise ValueError(f"Unknown adv.scope {scope!r}; choose one of {SCOPES}.")
+  if direction not in DIRECTIONS:
+    raise ValueError(f"Unknown adv.direction {direction!r}; choose one of "
+                     f"{DIRECTIONS}.")
+  if budget not in BUDGETS:
+    raise ValueError(f"Unknown adv.budget {budget!r}; choose one of "
+                     f"{BUDGETS}.")
   for name, v in (("eps", eps), ("lambda1", lambda1), ("lambda2", lambda2),
                   ("xi", xi)):
     if not v >= 0:  # also catches NaN
@@ -81,7 +125,8 @@ def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
   level2 = method not in ("none", "seq")
   return AdvConfig(level1=level1, level2=level2, eps=float(eps),
                    lambda1=float(lambda1), lambda2=float(lambda2), xi=float(xi),
-                   scope=scope, relative=bool(relative))
+                   scope=scope, relative=bool(relative), direction=direction,
+                   budget=budget)
 
 
 def l2_normalize(g: jax.Array, axes) -> jax.Array:
@@ -107,15 +152,20 @@ def _size(eps: float, ref, axes):
   return eps * jnp.sqrt(sq)
 
 
+def _level1_axes(scope: str):
+  """Axes of one level-1 norm of a [B, T, d] tensor."""
+  return (-2, -1) if scope == "row" else None
+
+
 def sequence_perturbation(grad: jax.Array, eps: float, scope: str = "row",
                           ref: jax.Array | None = None) -> jax.Array:
-  """A = eps * g / ||g||_2 (Eq. 4.6) for g [B, T, d].
+  """A = eps * g / ||g||_2 (Eq. 4.7) for g [B, T, d].
 
   The norm is over each sequence's [T, d] block (scope 'row') or over the
   whole batch (scope 'batch'). With `ref` (the clean S), the size is
   eps * ||ref|| over the same axes (relative eps).
   """
-  axes = (-2, -1) if scope == "row" else None
+  axes = _level1_axes(scope)
   return jax.lax.stop_gradient(_size(eps, ref, axes) *
                                l2_normalize(grad, axes=axes))
 
@@ -131,40 +181,152 @@ def row_perturbation(grad: jax.Array, eps: float, scope: str = "row",
                                l2_normalize(grad, axes=axes))
 
 
-def embedding_distance(encode: Callable, S, W, A, pert_w, weights):
-  """L_adv1 (Eq. 4.7): mean over real steps of ||f(S + w*A)_t - f(S)_t||_2."""
-  W_adv = encode(S + pert_w[..., None] * A)
+def budgeted_perturbation(direction: jax.Array, pert_w: jax.Array, eps,
+                          cfg: AdvConfig,
+                          ref: jax.Array | None = None) -> jax.Array:
+  """The applied level-1 perturbation delta [B, T, d] along `direction`.
+
+  Eq. 4.6/4.7 with the budget rule of `cfg.budget` (module docstring):
+    'equal': delta = s * (w ⊙ d) / ||w ⊙ d||  (||delta|| = s, global's size);
+    'mean':  delta = w ⊙ (s * d / ||d||).
+  s is `eps`, or eps * ||ref|| with `ref` (relative eps); every norm is over
+  each sequence's real positions (scope 'row') or the batch's (scope
+  'batch'). Padding positions (w <= 0) get 0.
+
+  Args:
+    direction: [B, T, d], e.g. the gradient g of Eq. 4.7.
+    pert_w: [B, T] level-1 weights; w > 0 marks the real positions.
+    eps: size (python float or array broadcastable to [B, 1, 1]).
+    cfg: AdvConfig (its scope and budget).
+    ref: optional [B, T, d] reference (S) for a relative size.
+  """
+  real = (pert_w > 0)[..., None]
+  w = jnp.where(real, pert_w[..., None], 0.0).astype(direction.dtype)
+  d = jnp.where(real, direction, 0.0)
+  axes = _level1_axes(cfg.scope)
+  size = _size(eps, None if ref is None else jnp.where(real, ref, 0.0), axes)
+  if cfg.budget == "equal":
+    return size * l2_normalize(w * d, axes)
+  if cfg.budget == "mean":
+    return w * (size * l2_normalize(d, axes))
+  raise ValueError(f"Unknown adv.budget {cfg.budget!r}; choose one of "
+                   f"{BUDGETS}.")
+
+
+def start_noise(rng: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """[B, T, d] standard normal noise, drawn per position from the window's end.
+
+  Position t uses the key fold_in(rng, T - 1 - t), so the noise at the last
+  k positions does not depend on T: a sequence run with less left padding
+  (a shorter window) sees the same noise on its items.
+  """
+  B, T, d = shape
+  offsets = T - 1 - jnp.arange(T)
+  noise = jax.vmap(lambda o: jax.random.normal(jax.random.fold_in(rng, o),
+                                               (B, d), dtype))(offsets)
+  return jnp.swapaxes(noise, 0, 1)
+
+
+def level1_start(rng: jax.Array, pert_w: jax.Array, shape,
+                 cfg: AdvConfig, dtype=jnp.float32) -> jax.Array:
+  """delta_0 [B, T, d]: the random start of the level-1 search.
+
+  The gradient of ||f(S + delta) - f(S)|| is exactly zero at delta = 0 (a
+  minimum), so, as in virtual adversarial training (Miyato et al., 2018),
+  it is taken at a random perturbation of size xi: `start_noise` on the real
+  positions, spent by the same budget rule as the final perturbation
+  (`budgeted_perturbation` with eps = xi, never relative).
+  """
+  return budgeted_perturbation(start_noise(rng, shape, dtype), pert_w,
+                               cfg.xi, cfg)
+
+
+def level1_perturbation(encode: Callable[[jax.Array], jax.Array],
+                        S: jax.Array, pert_w: jax.Array, rng: jax.Array,
+                        cfg: AdvConfig, *, weights: jax.Array | None = None,
+                        pos: jax.Array | None = None,
+                        neg: jax.Array | None = None,
+                        W: jax.Array | None = None) -> jax.Array:
+  """The level-1 perturbation delta [B, T, d] that `adv_step` adds to S.
+
+  Eq. 4.6: the encoder sees S + delta with delta = w ⊙ A (here w = pert_w
+  stands for 1/C_i); Eq. 4.7: A = eps g / ||g||. For `cfg.level1`:
+    'distance' (L_adv1, methods global and cas*): g is the gradient of
+      L_adv1 = mean_t ||f(X)_t - f(S)_t|| with respect to the encoder input
+      X, at X = S + `level1_start` (rng);
+    'bce' (method seq): g is the gradient of the BCE loss f(X) vs pos/neg at
+      X = S (rng unused);
+    'none': zeros.
+  `cfg.direction` 'weighted' uses w ⊙ g instead of g (the gradient with
+  respect to A); `cfg.budget` sets the size (`budgeted_perturbation`).
+  The result is a constant (`stop_gradient`).
+
+  Args:
+    encode: S [B, T, d] -> W [B, T, d].
+    S: [B, T, d] sequence item embeddings.
+    pert_w: [B, T] level-1 weights, > 0 exactly at the real positions (1/C
+      normalized, or 1 for uniform; `cascade.weights_for_method`).
+    rng: key of the random start.
+    cfg: AdvConfig (`method_config`).
+    weights: [B, T] loss weights (1 at steps with a target); defaults to
+      pert_w > 0.
+    pos, neg: [B, T, d] positive / negative item embeddings (level1 'bce').
+    W: encode(S), when already computed (saves one encoder pass).
+
+  Returns:
+    [B, T, d], 0 at padding positions.
+  """
+  S = jax.lax.stop_gradient(S)
+  if cfg.level1 == "none":
+    return jnp.zeros_like(S)
+  if weights is None:
+    weights = (pert_w > 0).astype(S.dtype)
+  if cfg.level1 == "distance":
+    W = jax.lax.stop_gradient(encode(S) if W is None else W)
+    X0 = S + level1_start(rng, pert_w, S.shape, cfg, S.dtype)
+    loss = lambda x: losses.weighted_mean(safe_norm(encode(x) - W), weights)
+  elif cfg.level1 == "bce":
+    if pos is None or neg is None:
+      raise ValueError("level1 'bce' (method seq) needs pos and neg.")
+    pos, neg = jax.lax.stop_gradient(pos), jax.lax.stop_gradient(neg)
+    X0 = S
+    loss = lambda x: losses.bce_loss(encode(x), pos, neg, weights)
+  else:
+    raise ValueError(f"unknown level1 {cfg.level1!r}")
+  g = jax.grad(loss)(X0)
+  if cfg.direction == "weighted":
+    g = pert_w[..., None].astype(g.dtype) * g
+  elif cfg.direction != "input":
+    raise ValueError(f"Unknown adv.direction {cfg.direction!r}; choose one "
+                     f"of {DIRECTIONS}.")
+  delta = budgeted_perturbation(g, pert_w, cfg.eps, cfg,
+                                S if cfg.relative else None)
+  return jax.lax.stop_gradient(delta)
+
+
+def embedding_distance(encode: Callable, S, W, delta, weights):
+  """L_adv1 (Eq. 4.6): mean over real steps of ||f(S + delta)_t - f(S)_t||_2.
+
+  delta [B, T, d] is the applied perturbation (w ⊙ A).
+  """
+  W_adv = encode(S + delta)
   return losses.weighted_mean(safe_norm(W_adv - W), weights)
 
 
 def level1_distance(encode, S, W, pert_w, weights, rng, cfg: AdvConfig):
-  """Finds A (Eq. 4.6) and returns (L_adv1, A).
-
-  The gradient of ||f(S + w*A) - f(S)|| is exactly zero at A = 0 (a minimum),
-  so, as in virtual adversarial training (Miyato et al., 2018), the search
-  starts from a random direction of size xi and takes the gradient there.
-  """
-  r = sequence_perturbation(jax.random.normal(rng, S.shape, S.dtype),
-                            cfg.xi, cfg.scope)
-  W_const = jax.lax.stop_gradient(W)
-  S_const = jax.lax.stop_gradient(S)
-  g = jax.grad(lambda a: embedding_distance(
-      encode, S_const, W_const, a, pert_w, weights))(r)
-  A = sequence_perturbation(g, cfg.eps, cfg.scope,
-                            S if cfg.relative else None)
-  return embedding_distance(encode, S, W, A, pert_w, weights), A
+  """(L_adv1, delta): Eq. 4.6 at delta = `level1_perturbation` (distance)."""
+  delta = level1_perturbation(encode, S, pert_w, rng,
+                              cfg._replace(level1="distance"),
+                              weights=weights, W=W)
+  return embedding_distance(encode, S, W, delta, weights), delta
 
 
 def level1_bce(encode, S, pos, neg, pert_w, weights, cfg: AdvConfig):
-  """Method `seq`: BCE of the sequence perturbed along the BCE gradient."""
-  def loss_at(a, S, pos, neg):
-    return losses.bce_loss(encode(S + pert_w[..., None] * a), pos, neg,
-                           weights)
-  consts = [jax.lax.stop_gradient(x) for x in (S, pos, neg)]
-  g = jax.grad(loss_at)(jnp.zeros_like(S), *consts)
-  A = sequence_perturbation(g, cfg.eps, cfg.scope,
-                            S if cfg.relative else None)
-  return loss_at(A, S, pos, neg), A
+  """Method `seq`: (BCE of f(S + delta), delta), delta along its gradient."""
+  delta = level1_perturbation(encode, S, pert_w, None,
+                              cfg._replace(level1="bce"), weights=weights,
+                              pos=pos, neg=neg)
+  return losses.bce_loss(encode(S + delta), pos, neg, weights), delta
 
 
 def level2(W, pos, neg, weights, cfg: AdvConfig):
@@ -193,9 +355,12 @@ def adv_step(encode: Callable[[jax.Array], jax.Array], S: jax.Array,
     S: [B, T, d] sequence item embeddings.
     pos, neg: [B, T, d] positive / negative item embeddings.
     weights: [B, T] 1 at steps with a target, 0 at padding.
-    pert_w: [B, T] level-1 weights (1/C normalized, or 1 for uniform).
+    pert_w: [B, T] level-1 weights (1/C normalized, or 1 for uniform), 0
+      exactly at padding.
     rng: key for the level-1 random start.
-    cfg: AdvConfig (see `method_config`).
+    cfg: AdvConfig (see `method_config`). The level-1 perturbation is
+      `level1_perturbation(encode, S, pert_w, rng, cfg, weights=weights,
+      pos=pos, neg=neg)`.
 
   Returns:
     dict with 'loss' (total, Eq. 4.10), 'bce' (L_B), 'adv1', 'adv2'.
@@ -204,12 +369,13 @@ def adv_step(encode: Callable[[jax.Array], jax.Array], S: jax.Array,
   bce = losses.bce_loss(W, pos, neg, weights)
   zero = jnp.zeros((), bce.dtype)
   adv1 = adv2 = zero
-  if cfg.level1 == "distance":
-    adv1, _ = level1_distance(encode, S, W, pert_w, weights, rng, cfg)
-  elif cfg.level1 == "bce":
-    adv1, _ = level1_bce(encode, S, pos, neg, pert_w, weights, cfg)
-  elif cfg.level1 != "none":
-    raise ValueError(f"unknown level1 {cfg.level1!r}")
+  if cfg.level1 != "none":
+    delta = level1_perturbation(encode, S, pert_w, rng, cfg, weights=weights,
+                                pos=pos, neg=neg, W=W)
+    if cfg.level1 == "distance":
+      adv1 = embedding_distance(encode, S, W, delta, weights)
+    else:  # 'bce' (seq)
+      adv1 = losses.bce_loss(encode(S + delta), pos, neg, weights)
   if cfg.level2:
     adv2, _ = level2(W, pos, neg, weights, cfg)
   total = bce + cfg.lambda1 * adv1 + cfg.lambda2 * adv2

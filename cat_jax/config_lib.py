@@ -116,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
   # If True, eps is a fraction of the norm of what is perturbed (each S block
   # or W/E row, per adv.scope) instead of an absolute size (the paper's).
   c.adv.relative = False
+  # Level-1 direction: 'input' (Eq. 4.7) or 'weighted' (see adversarial.py).
+  c.adv.direction = "input"
+  # Level-1 size: 'equal' (global's norm per sequence) or 'mean' (w * A).
+  c.adv.budget = "equal"
   # Evaluate (and save) every N phase-2 epochs; 0 = train.eval_every.
   c.adv.eval_every = 0
   # Early stopping of phase 2 in evaluations without improvement (0 = off).

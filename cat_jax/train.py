@@ -450,7 +450,9 @@ def run_phase(phase: str, state: TrainState, epochs: int, epoch_fn, pert,
 def adv_config(config) -> adversarial.AdvConfig:
   a = config.adv
   return adversarial.method_config(a.method, a.eps, a.lambda1, a.lambda2,
-                                   a.xi, a.scope, a.relative)
+                                   a.xi, a.scope, a.relative,
+                                   direction=a.get("direction", "input"),
+                                   budget=a.get("budget", "equal"))
 
 
 MATMUL_PRECISIONS = ("default", "float32", "tensorfloat32", "bfloat16")

@@ -66,19 +66,19 @@ def test_perturbation_norms_equal_eps_times_weights():
   # A zero gradient gives a zero perturbation, not NaN.
   z = adversarial.row_perturbation(jnp.zeros((2, D)), 1.0)
   np.testing.assert_array_equal(np.asarray(z), 0.0)
-  # The applied level-1 perturbation of position t is w_t * A_t.
+  # Budget 'mean': the applied level-1 perturbation of position t is
+  # w_t * A_t with ||A|| = eps per sequence (over its real positions).
   p, ids, tg, ng, mask, w, pert = toy_problem()
   S = p["E"][ids]
-  cfg = adversarial.method_config("cas", eps=3.0)
+  cfg = adversarial.method_config("cas", eps=3.0, budget="mean")
   encode = lambda s: toy_encoder(p, s, mask)
-  _, A = adversarial.level1_distance(encode, S, encode(S), pert, w,
-                                     jax.random.PRNGKey(1), cfg)
-  np.testing.assert_allclose(
-      np.linalg.norm(np.asarray(A).reshape(B, -1), axis=1), 3.0, rtol=1e-5)
-  applied = np.asarray(pert)[..., None] * np.asarray(A)
-  row = np.linalg.norm(applied, axis=-1)
-  np.testing.assert_allclose(row, np.asarray(pert) * np.linalg.norm(
-      np.asarray(A), axis=-1), rtol=1e-5)
+  _, delta = adversarial.level1_distance(encode, S, encode(S), pert, w,
+                                         jax.random.PRNGKey(1), cfg)
+  pw = np.asarray(pert)[..., None]
+  A = np.where(pw > 0, np.asarray(delta) / np.where(pw > 0, pw, 1.0), 0.0)
+  np.testing.assert_allclose(np.linalg.norm(A.reshape(B, -1), axis=1), 3.0,
+                             rtol=1e-5)
+  assert (np.asarray(delta)[~np.asarray(mask)] == 0).all()
 
 
 def test_relative_eps_scales_with_the_perturbed_norm():
@@ -115,13 +115,13 @@ def test_level1_search_beats_a_random_direction():
   encode = lambda s: toy_encoder(p, s, mask)
   W = encode(S)
   cfg = adversarial.method_config("global", eps=0.5)
-  found, A = adversarial.level1_distance(encode, S, W, w, w,
+  found, _ = adversarial.level1_distance(encode, S, W, w, w,
                                          jax.random.PRNGKey(0), cfg)
   rand = []
   for seed in range(20):
     r = jax.random.normal(jax.random.PRNGKey(100 + seed), S.shape)
-    r = adversarial.sequence_perturbation(r, 0.5)
-    rand.append(float(adversarial.embedding_distance(encode, S, W, r, w, w)))
+    r = adversarial.budgeted_perturbation(r, w, 0.5, cfg)
+    rand.append(float(adversarial.embedding_distance(encode, S, W, r, w)))
   assert float(found) > 2.0 * np.mean(rand)
   assert float(found) > max(rand)
 
@@ -141,9 +141,9 @@ def test_no_gradient_flows_through_the_perturbations(method):
   encode = lambda s: toy_encoder(p, s, mask)
   W = encode(S)
   if cfg.level1 == "distance":
-    _, A = adversarial.level1_distance(encode, S, W, pert, w, key, cfg)
+    _, delta = adversarial.level1_distance(encode, S, W, pert, w, key, cfg)
   elif cfg.level1 == "bce":
-    _, A = adversarial.level1_bce(encode, S, E[tg], E[ng], pert, w, cfg)
+    _, delta = adversarial.level1_bce(encode, S, E[tg], E[ng], pert, w, cfg)
   if cfg.level2:
     _, (dW, dp, dn) = adversarial.level2(W, E[tg], E[ng], w, cfg)
 
@@ -154,9 +154,9 @@ def test_no_gradient_flows_through_the_perturbations(method):
     W = enc(S)
     out = losses.bce_loss(W, pos, neg, w)
     if cfg.level1 == "distance":
-      out += adversarial.embedding_distance(enc, S, W, A, pert, w)
+      out += adversarial.embedding_distance(enc, S, W, delta, w)
     elif cfg.level1 == "bce":
-      out += losses.bce_loss(enc(S + pert[..., None] * A), pos, neg, w)
+      out += losses.bce_loss(enc(S + delta), pos, neg, w)
     if cfg.level2:
       out += losses.bce_loss(W + dW, pos + dp, neg + dn, w)
     return out
@@ -191,6 +191,8 @@ def test_adv_step_is_reusable_with_a_foreign_encoder():
     (dict(method="cas", eps=-1.0), "adv.eps must be >= 0"),
     (dict(method="cas", lambda1=-0.1), "adv.lambda1 must be >= 0"),
     (dict(method="cas", lambda2=float("nan")), "adv.lambda2 must be >= 0"),
+    (dict(method="cas", direction="grad"), "Unknown adv.direction 'grad'"),
+    (dict(method="cas", budget="sum"), "Unknown adv.budget 'sum'"),
 ])
 def test_bad_settings_are_clear_errors(bad, match):
   with pytest.raises(ValueError, match=match):
@@ -235,3 +237,226 @@ def test_every_method_trains_under_jit(make_config, method, model_name):
   changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)),
                          before, state.params)
   assert all(jax.tree.leaves(changed))
+
+
+# --- Level 1 (issue 12): direction, budget, padding ------------------------
+
+
+def np_toy_encoder(params, X, mask):
+  """`toy_encoder` in float64 numpy, for brute-force gradients."""
+  w = np.asarray(params["w"], np.float64)
+  m = np.asarray(mask, np.float64)[..., None]
+  csum = np.cumsum(X * m, axis=1)
+  count = np.maximum(np.cumsum(m, axis=1), 1.0)
+  return np.tanh((csum / count) @ w) * m
+
+
+def fd_gradient(f, x, h=1e-6):
+  """Central finite differences of a scalar f at x (float64, any shape)."""
+  g = np.zeros_like(x)
+  for i in np.ndindex(x.shape):
+    e = np.zeros_like(x)
+    e[i] = h
+    g[i] = (f(x + e) - f(x - e)) / (2 * h)
+  return g
+
+
+def dataset_problem(seed=0, m=30):
+  """Toy params and a batch of B rows of a small data set of windows, with
+  the level-1 weights of `cas` computed over the whole data set (mean 1)."""
+  rng = np.random.default_rng(seed)
+  params = {"w": jnp.asarray(rng.normal(size=(D, D)), jnp.float32),
+            "E": jnp.asarray(rng.normal(size=(N + 1, D)), jnp.float32)}
+  seqs = np.zeros((m, T), np.int32)
+  for i in range(m):
+    n = [T, 2, 4, 1][i] if i < 4 else rng.integers(1, T + 1)
+    seqs[i, T - n:] = rng.integers(1, N + 1, n)
+  table = np.asarray(cascade.weights_for_method(jnp.asarray(seqs), 8, "cas"))
+  assert table[seqs > 0].mean() == pytest.approx(1.0, rel=1e-5)
+  ids = jnp.asarray(seqs[:B])
+  mask = ids > 0
+  return params, ids, mask, mask.astype(jnp.float32), jnp.asarray(table[:B])
+
+
+def brute_force_delta(grad, pert, eps, budget, axes=(1, 2)):
+  """Eq. 4.6/4.7 by hand: the budget rules of the issue, in numpy."""
+  w = np.asarray(pert, np.float64)[..., None]
+  norm = lambda x: np.sqrt(np.sum(x * x, axis=axes, keepdims=True))
+  if budget == "equal":
+    return eps * (w * grad) / norm(w * grad)
+  return w * eps * grad / norm(grad)
+
+
+@pytest.mark.parametrize("budget,direction", [
+    ("equal", "input"), ("mean", "input"), ("equal", "weighted"),
+    ("mean", "weighted")])
+def test_level1_direction_matches_finite_differences(budget, direction):
+  """delta against a finite-difference gradient of L_adv1 on a small encoder.
+
+  'input': g = dL_adv1/dX at X = S + delta_0 (Eq. 4.7). 'weighted' (the
+  code before issue 12): g_A = dL_adv1(S + w * A)/dA at the same point.
+  Budget 'mean' applies w * eps g/||g|| with the data set's mean-1 weights.
+  """
+  p, ids, mask, w, pert = dataset_problem(4)
+  S = p["E"][ids]
+  eps, key = 1.5, jax.random.PRNGKey(3)
+  cfg = adversarial.method_config("cas", eps=eps, xi=0.05, budget=budget,
+                                  direction=direction)
+  encode = lambda s: toy_encoder(p, s, mask)
+  delta = np.asarray(adversarial.level1_perturbation(encode, S, pert, key,
+                                                     cfg, weights=w))
+  start = np.asarray(adversarial.level1_start(key, pert, S.shape, cfg),
+                     np.float64)
+  S64, m = np.asarray(S, np.float64), np.asarray(mask)
+  W0 = np_toy_encoder(p, S64, m)
+  wts = np.asarray(w, np.float64)
+
+  def loss(X):
+    dist = np.linalg.norm(np_toy_encoder(p, X, m) - W0, axis=-1)
+    return np.sum(dist * wts) / max(wts.sum(), 1.0)
+
+  pw = np.asarray(pert, np.float64)[..., None]
+  if direction == "input":
+    g = fd_gradient(loss, S64 + start)
+  else:  # differentiate with respect to A in S + w * A, at w * A = delta_0
+    A0 = np.where(pw > 0, start / np.where(pw > 0, pw, 1.0), 0.0)
+    g = fd_gradient(lambda a: loss(S64 + pw * a), A0)
+  want = brute_force_delta(g, pert, eps, budget)
+  np.testing.assert_allclose(delta, want, rtol=2e-3, atol=2e-5)
+  assert (delta[~m] == 0).all()
+  if budget == "mean":  # cas spends more or less than eps per sequence
+    norms = np.linalg.norm(delta.reshape(B, -1), axis=1)
+    assert np.ptp(norms) > 0.1
+
+
+def toy_batch_terms(p, ids, pert, cfg, key=jax.random.PRNGKey(0)):
+  mask = ids > 0
+  S = p["E"][ids]
+  encode = lambda s: toy_encoder(p, s, mask)
+  return adversarial.level1_perturbation(
+      encode, S, pert, key, cfg, weights=mask.astype(jnp.float32),
+      pos=p["E"][(ids % N) + 1], neg=p["E"][((ids + 7) % N) + 1])
+
+
+@pytest.mark.parametrize("scope", ["row", "batch"])
+@pytest.mark.parametrize("relative", [False, True])
+def test_equal_budget_spends_what_global_spends(scope, relative):
+  """Budget 'equal': every method's ||delta|| is global's, per sequence
+  (scope row) or in total (scope batch), over the real positions."""
+  p, ids, mask, w, _ = dataset_problem(1)
+  seqs = np.asarray(dataset_problem(1)[1])
+  m = np.asarray(mask)
+  S = np.asarray(p["E"][ids], np.float64)
+  eps = 0.7
+  axes = (1, 2) if scope == "row" else (0, 1, 2)
+  # The size global spends, by hand: eps (or eps * ||real part of S||).
+  size = eps * (np.sqrt(np.sum(np.where(m[..., None], S, 0.0) ** 2, axis=axes))
+                if relative else 1.0)
+  norms = {}
+  for method in ("global", "cas", "cas_temporal", "cas_cross", "seq"):
+    pert = cascade.weights_for_method(jnp.asarray(seqs), 8, method)
+    cfg = adversarial.method_config(method, eps=eps, scope=scope,
+                                    relative=relative)
+    delta = np.asarray(toy_batch_terms(p, ids, pert, cfg), np.float64)
+    assert (delta[~m] == 0).all()
+    norms[method] = np.sqrt(np.sum(delta ** 2, axis=axes))
+    np.testing.assert_allclose(norms[method], size, rtol=1e-5)
+    if method == "cas":
+      cas_delta = delta
+    if method == "global":
+      global_delta = delta
+  # The weights moved the budget between positions (same total).
+  assert not np.allclose(np.linalg.norm(cas_delta, axis=-1),
+                         np.linalg.norm(global_delta, axis=-1), rtol=1e-2)
+  # Budget 'mean' does not spend the same (issue 12's 2.2x).
+  pert = cascade.weights_for_method(jnp.asarray(seqs), 8, "cas")
+  cfg = adversarial.method_config("cas", eps=eps, scope=scope,
+                                  relative=relative, budget="mean")
+  delta = np.asarray(toy_batch_terms(p, ids, pert, cfg), np.float64)
+  assert not np.allclose(np.sqrt(np.sum(delta ** 2, axis=axes)), size,
+                         rtol=1e-2)
+
+
+@pytest.mark.parametrize("budget", ["equal", "mean"])
+@pytest.mark.parametrize("direction", ["input", "weighted"])
+def test_cas_with_equal_cascade_scores_is_global(budget, direction):
+  p, ids, mask, w, _ = dataset_problem(2)
+  C = jnp.where(mask, 5.0, 0.0)  # every cascade score the same
+  pert = cascade.perturbation_weights(C, mask)
+  if budget == "equal":  # any constant works: only ratios in a row count
+    pert = 0.37 * pert
+  get = lambda m, w: toy_batch_terms(
+      p, ids, w, adversarial.method_config(m, eps=1.3, budget=budget,
+                                           direction=direction))
+  np.testing.assert_allclose(np.asarray(get("cas", pert)),
+                             np.asarray(get("global", w)), rtol=1e-5,
+                             atol=1e-7)
+  # The same through adv_step (both levels, every loss term).
+  tg = jnp.asarray(np.random.default_rng(0).integers(1, N + 1, (B, T)))
+  terms = [adversarial.adv_step(
+      lambda s: toy_encoder(p, s, mask), p["E"][ids], p["E"][tg],
+      p["E"][(tg % N) + 1], w, weights, jax.random.PRNGKey(7),
+      adversarial.method_config(m, eps=1.3, budget=budget,
+                                direction=direction))
+           for m, weights in (("cas", pert), ("global", w))]
+  for k in terms[0]:
+    assert float(terms[0][k]) == pytest.approx(float(terms[1][k]), rel=1e-5)
+
+
+@pytest.mark.parametrize("cfg_kw", [
+    dict(method="cas"), dict(method="cas", budget="mean", direction="weighted"),
+    dict(method="cas", relative=True), dict(method="cas", scope="batch"),
+    dict(method="seq"), dict(method="seq", relative=True)])
+def test_left_padding_does_not_change_the_perturbation(cfg_kw):
+  """The same sequences with 3 more columns of left padding (as a longer
+  length bucket runs them) get the same delta on their items, same rng."""
+  p, ids, mask, w, pert = dataset_problem(3)
+  extra = 3
+  long_ids = jnp.pad(ids, ((0, 0), (extra, 0)))
+  long_pert = jnp.pad(pert, ((0, 0), (extra, 0)))
+  cfg = adversarial.method_config(eps=0.9, xi=0.05, **cfg_kw)
+  key = jax.random.PRNGKey(11)
+  short = np.asarray(toy_batch_terms(p, ids, pert, cfg, key))
+  long = np.asarray(toy_batch_terms(p, long_ids, long_pert, cfg, key))
+  # (The padding embedding E[0] is not zero here: relative sizes and norms
+  # must not see it.)
+  assert np.linalg.norm(np.asarray(p["E"][0])) > 0.1
+  np.testing.assert_array_equal(long[:, :extra], 0.0)
+  np.testing.assert_allclose(long[:, extra:], short, rtol=1e-4, atol=1e-6)
+  # The random start alone, too.
+  s0 = adversarial.level1_start(key, pert, (B, T, D), cfg)
+  s1 = adversarial.level1_start(key, long_pert, (B, T + extra, D), cfg)
+  np.testing.assert_allclose(np.asarray(s1)[:, extra:], np.asarray(s0),
+                             rtol=1e-5, atol=1e-8)
+  # ... which is xi per sequence on its real positions (budget equal).
+  if cfg.budget == "equal" and cfg.scope == "row":
+    np.testing.assert_allclose(
+        np.linalg.norm(np.asarray(s0).reshape(B, -1), axis=1), 0.05,
+        rtol=1e-5)
+
+
+@pytest.mark.parametrize("direction,budget,scope", [
+    ("weighted", "mean", "row"), ("input", "mean", "batch"),
+    ("weighted", "equal", "batch")])  # (input, equal, row): the test above
+def test_level1_options_differentiate_under_jit(direction, budget, scope):
+  p, ids, tg, ng, mask, w, pert = toy_problem(2)
+  cfg = adversarial.method_config("cas", eps=0.5, direction=direction,
+                                  budget=budget, scope=scope)
+
+  @jax.jit
+  def loss(params):
+    t = toy_terms(params, ids, tg, ng, mask, w, pert, cfg,
+                  jax.random.PRNGKey(0))
+    return t["loss"], t
+
+  (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(p)
+  chex.assert_tree_all_finite((value, grads))
+  assert float(terms["adv1"]) > 0
+
+
+def test_train_adv_config_passes_the_level1_knobs(make_config):
+  cfg = train.adv_config(make_config())
+  assert (cfg.direction, cfg.budget) == ("input", "equal")
+  cfg = train.adv_config(make_config(**{"adv.direction": "weighted",
+                                        "adv.budget": "mean"}))
+  assert (cfg.direction, cfg.budget) == ("weighted", "mean")
