@@ -11,11 +11,21 @@ Positions (Fig. 5: one item; Fig. 6: the last K items):
   last      the last K positions (K = 1 for the single-item attack).
 Positions beyond the real items (windows shorter than K) are left alone.
 
-Replacements (mode):
-  gradient  g = d/de [-log s(<W_T, E_target>)] at the replaced item's
-            embedding e (the target's BCE ranking loss); the new item is the
-            allowed j minimizing ||E_j - (e + alpha * g / ||g||)||. All K
-            positions use gradients at the clean input.
+Replacements (mode). g = d/de [-log s(<W_T, E_target>)] is the gradient of
+the target's BCE ranking loss at the replaced item's embedding e, taken at
+the clean input for all K positions:
+  minimal   (default; Sec. 5.6: "a gradient-based attack on target item
+            embeddings and then pairing with the nearest items in the
+            gradient direction", replacements "near the original in the
+            embedding space for minimal perturbation"): among the allowed j
+            whose displacement E_j - e has positive cosine with g, the one
+            nearest to the original, min ||E_j - e||. One rule for every
+            model, no step size. A position where no allowed item lies in
+            the gradient direction (or g = 0) is left alone.
+  step      the allowed j nearest to a gradient step, minimizing
+            ||E_j - (e + alpha * g / ||g||)|| (alpha: by default the median
+            nearest-neighbour distance of the item table). This was the
+            attack before issue 12, then called 'gradient' (still accepted).
   random    uniform over the allowed items (from an explicit PRNG key).
 An item is allowed unless it is padding, in the window (so not the original),
 the target, in the user's training history or the extra excluded item (the
@@ -35,7 +45,18 @@ import numpy as np
 from cat_jax import adversarial, evaluate
 
 POSITIONS = ("first", "middle", "last")
-MODES = ("gradient", "random")
+MODES = ("minimal", "step", "random")
+# Older names of the modes, still accepted (RESULTS.md's commands use them).
+MODE_ALIASES = {"gradient": "step"}
+
+
+def resolve_mode(mode: str) -> str:
+  """The mode name in MODES for `mode` (an alias maps to its mode)."""
+  mode = MODE_ALIASES.get(mode, mode)
+  if mode not in MODES:
+    raise ValueError(f"Unknown attack mode {mode!r}; choose one of "
+                     f"{MODES} (or the alias 'gradient' of 'step').")
+  return mode
 
 
 def attack_positions(inputs: jax.Array, where: str,
@@ -125,20 +146,23 @@ def pick_distinct(cost: jax.Array, allowed: jax.Array,
   """Lowest-cost allowed item per position, distinct within a row.
 
   Args:
-    cost: [B, K, N+1] float, cost of putting item j at position k.
+    cost: [B, K, N+1] float, cost of putting item j at position k; +inf
+      means that j may not go to that position.
     allowed: [B, N+1] bool.
     valid: [B, K] bool; invalid positions pick nothing.
 
   Returns:
     [B, K] int32 items, 0 where nothing is picked (invalid position, or no
-    allowed item left). Positions pick from the last (k = K-1) to the first,
-    so the most recent item, which moves the ranking most, chooses first.
+    allowed item of finite cost left). Positions pick from the last
+    (k = K-1) to the first, so the most recent item, which moves the
+    ranking most, chooses first.
   """
   rows = jnp.arange(cost.shape[0])
   picks = [None] * cost.shape[1]
   for k in reversed(range(cost.shape[1])):
-    j = jnp.argmin(jnp.where(allowed, cost[:, k], jnp.inf), axis=-1)
-    ok = valid[:, k] & allowed[rows, j]
+    c = jnp.where(allowed, cost[:, k], jnp.inf)
+    j = jnp.argmin(c, axis=-1)
+    ok = valid[:, k] & allowed[rows, j] & jnp.isfinite(c[rows, j])
     picks[k] = jnp.where(ok, j, 0).astype(jnp.int32)
     allowed = allowed.at[rows, j].set(allowed[rows, j] & ~ok)
   return jnp.stack(picks, axis=1)
@@ -152,11 +176,52 @@ def replace_items(inputs: jax.Array, positions: jax.Array,
   return inputs.at[rows, positions].set(jnp.where(items > 0, items, old))
 
 
-def gradient_replacements(model, params, inputs: jax.Array,
-                          targets: jax.Array, positions: jax.Array,
-                          valid: jax.Array, allowed: jax.Array,
-                          alpha) -> jax.Array:
-  """[B, K] items nearest to e + alpha * g / ||g|| (0 = no replacement).
+def minimal_cost(table: jax.Array, points: jax.Array,
+                 grads: jax.Array) -> jax.Array:
+  """[..., N+1] cost of the `minimal` rule (module docstring).
+
+  ||E_j - e||^2 - ||e||^2 where <E_j - e, g> > 0 (positive cosine between
+  the displacement and the gradient), +inf elsewhere (also everywhere when
+  g = 0).
+
+  Args:
+    table: [N+1, d] item embeddings E.
+    points: [..., d] original embeddings e.
+    grads: [..., d] gradients g at e.
+  """
+  along = (jnp.einsum("...d,nd->...n", grads, table,
+                      precision=jax.lax.Precision.HIGHEST)
+           - jnp.sum(grads * points, axis=-1, keepdims=True))
+  return jnp.where(along > 0, squared_distances(table, points), jnp.inf)
+
+
+def minimal_replacements(model, params, inputs: jax.Array,
+                         targets: jax.Array, positions: jax.Array,
+                         valid: jax.Array, allowed: jax.Array) -> jax.Array:
+  """[B, K] nearest allowed items in the gradient direction (0 = none).
+
+  Mode `minimal` (Sec. 5.6; module docstring): position k of row b takes
+  the allowed j with <E_j - e, g> > 0 nearest to e, distinct within a row
+  (`pick_distinct`), g from `target_gradient` at the clean input.
+
+  Args:
+    model, params: the attacked model.
+    inputs: [B, T] clean windows; targets: [B] items.
+    positions, valid: [B, K] from `attack_positions`.
+    allowed: [B, N+1] from `allowed_replacements`.
+  """
+  rows = jnp.arange(inputs.shape[0])[:, None]
+  g = target_gradient(model, params, inputs, targets)[rows, positions]
+  table = model.items(params)
+  points = table[inputs[rows, positions]]
+  return pick_distinct(minimal_cost(table, points, g), allowed, valid)
+
+
+def step_replacements(model, params, inputs: jax.Array,
+                      targets: jax.Array, positions: jax.Array,
+                      valid: jax.Array, allowed: jax.Array,
+                      alpha) -> jax.Array:
+  """[B, K] items nearest to e + alpha * g / ||g|| (mode `step`; 0 = none).
 
   Args:
     model, params: the attacked model.
@@ -178,7 +243,7 @@ def random_replacements(rng: jax.Array, valid: jax.Array,
   """[B, K] items drawn uniformly from the allowed ones, distinct per row.
 
   The argmin of i.i.d. uniform costs over the allowed items is uniform over
-  them, so this shares `pick_distinct` with the gradient attack.
+  them, so this shares `pick_distinct` with the gradient attacks.
   """
   B, K = valid.shape
   cost = jax.random.uniform(rng, (B, K, allowed.shape[1]))
@@ -188,41 +253,43 @@ def random_replacements(rng: jax.Array, valid: jax.Array,
 def attack_batch(model, params, inputs: jax.Array, targets: jax.Array,
                  history_rows: jax.Array, extra: jax.Array,
                  positions: jax.Array, valid: jax.Array, alpha, rng,
-                 num_items: int, mode: str = "gradient") -> jax.Array:
+                 num_items: int, mode: str = "minimal") -> jax.Array:
   """[B, T] attacked windows of one batch (see the module docstring).
 
   Args:
     inputs: [B, T]; targets, extra: [B]; history_rows: [B, H].
     positions, valid: [B, K] from `attack_positions`.
-    alpha: gradient step (mode 'gradient'); rng: key (mode 'random').
+    alpha: gradient step (mode 'step' only); rng: key (mode 'random' only).
+    mode: 'minimal', 'step' or 'random' (`MODES`, or an alias).
   """
+  mode = resolve_mode(mode)
   allowed = allowed_replacements(inputs, targets, history_rows, extra,
                                  num_items)
-  if mode == "gradient":
-    items = gradient_replacements(model, params, inputs, targets, positions,
-                                  valid, allowed, alpha)
-  elif mode == "random":
-    items = random_replacements(rng, valid, allowed)
+  if mode == "minimal":
+    items = minimal_replacements(model, params, inputs, targets, positions,
+                                 valid, allowed)
+  elif mode == "step":
+    items = step_replacements(model, params, inputs, targets, positions,
+                              valid, allowed, alpha)
   else:
-    raise ValueError(f"Unknown attack mode {mode!r}; choose one of {MODES}.")
+    items = random_replacements(rng, valid, allowed)
   return replace_items(inputs, positions, items)
 
 
 def make_attack(model, num_items: int, batch_size: int,
-                mode: str = "gradient"):
+                mode: str = "minimal"):
   """Jitted `attack(params, ...) -> [E, T]`: the attacked windows of E users.
 
   Args of the returned function, in order:
     params, inputs [E, T], targets [E], users [E], extra [E], history [U, H]:
       as for `evaluate.make_ranker`.
     positions, valid: [E, K] from `attack_positions`.
-    alpha: gradient step (scalar; mode 'gradient').
+    alpha: gradient step (scalar; used by mode 'step' only).
     rng: PRNG key (mode 'random'); batch i uses fold_in(rng, i).
   Users go `batch_size` at a time through a `lax.map`, with one matrix
   product over the catalog per batch. It compiles once per K.
   """
-  if mode not in MODES:
-    raise ValueError(f"Unknown attack mode {mode!r}; choose one of {MODES}.")
+  mode = resolve_mode(mode)
 
   @jax.jit
   def attack(params, inputs, targets, users, extra, history, positions,
@@ -247,7 +314,7 @@ def median_nn_distance(table: jax.Array, block_size: int = 1024) -> jax.Array:
     block_size: rows per distance block, so memory is block_size * N.
 
   Returns:
-    scalar float32 (the default attack step alpha).
+    scalar float32 (the default step alpha of mode 'step').
   """
   items = table[1:]
   n = items.shape[0]
@@ -273,7 +340,7 @@ def relative_drop(clean: float, attacked: float) -> float:
 def evaluate_robustness(model, params, data: dict, num_items: int, *,
                         positions: Sequence[str] = POSITIONS,
                         last_k: Sequence[int] = (1, 2, 3, 4, 5),
-                        mode: str = "gradient", alpha=None,
+                        mode: str = "minimal", alpha=None,
                         batch_size: int = 256, ks: Sequence[int] = (10,),
                         rng=None, split: str = "test") -> dict:
   """Clean and attacked full-ranking metrics, and their relative drops.
@@ -284,25 +351,27 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
     num_items: N.
     positions: single-item attacks to run (Fig. 5).
     last_k: K values of the last-K attack (Fig. 6).
-    mode: 'gradient' or 'random'.
-    alpha: gradient step; None = `median_nn_distance` of the item table.
+    mode: 'minimal' (Sec. 5.6), 'step' or 'random' (module docstring;
+      'gradient' is an alias of 'step').
+    alpha: step of mode 'step'; None = `median_nn_distance` of the item
+      table. Unused by the other modes.
     batch_size: users per batch (attack and ranking).
     ks: metric cut-offs.
     rng: PRNG key; required for mode 'random', unused otherwise.
     split: 'test' (the validation item is history) or 'valid'.
 
   Returns:
-    {"mode", "alpha", "split", "clean": evaluate.summarize dict,
+    {"mode" (as resolved), "alpha" (float for mode 'step', else None),
+     "split", "clean": evaluate.summarize dict,
      "attacks": {name: summarize dict + "<metric>_drop" for ndcg@K, hr@K and
      mrr, + "replaced" (mean items replaced per user)}}, with names
      'first', 'middle', 'last' and 'last_<K>'. The exclusions are those of
     clean evaluation; the replacement items are not added to them.
   """
-  if mode not in MODES:
-    raise ValueError(f"Unknown attack mode {mode!r}; choose one of {MODES}.")
+  mode = resolve_mode(mode)
   if mode == "random" and rng is None:
     raise ValueError("mode='random' needs an explicit rng key.")
-  rng = jax.random.PRNGKey(0) if rng is None else rng  # unused by 'gradient'
+  rng = jax.random.PRNGKey(0) if rng is None else rng  # used by 'random'
   inputs, targets, users, extra = evaluate.split_inputs(data, split)
   history = data["history"]
   ranker = evaluate.make_ranker(evaluate.model_scores(model), num_items,
@@ -313,9 +382,11 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
     return evaluate.summarize(np.asarray(r), ks)
 
   clean = summary(inputs)
-  if alpha is None:
+  if mode != "step":
+    alpha = None
+  elif alpha is None:
     alpha = median_nn_distance(model.items(params))
-  alpha = jnp.asarray(alpha, jnp.float32)
+  step = jnp.asarray(0.0 if alpha is None else alpha, jnp.float32)
   attack = make_attack(model, num_items, batch_size, mode)
   runs = [(w, w, 1) for w in positions] + [(f"last_{k}", "last", k)
                                           for k in last_k]
@@ -324,10 +395,11 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
   for i, (name, where, k) in enumerate(runs):
     pos, valid = attack_positions(inputs, where, k)
     attacked = attack(params, inputs, targets, users, extra, history, pos,
-                      valid, alpha, jax.random.fold_in(rng, i))
+                      valid, step, jax.random.fold_in(rng, i))
     s = summary(attacked)
     s.update({f"{m}_drop": relative_drop(clean[m], s[m]) for m in metrics})
     s["replaced"] = float(np.mean(np.sum(np.asarray(attacked != inputs), 1)))
     out[name] = s
-  return {"mode": mode, "alpha": float(alpha), "split": split,
+  return {"mode": mode, "alpha": None if alpha is None else float(alpha),
+          "split": split,
           "clean": clean, "attacks": out}

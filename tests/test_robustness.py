@@ -131,9 +131,9 @@ def row_gradient_fn(model):
 @pytest.mark.parametrize("where,k,alpha", [
     ("first", 1, 0.3), ("middle", 1, 0.3), ("last", 1, 0.3),
     ("last", 3, 0.3), ("last", 3, 1e-6)])
-def test_gradient_attack_is_the_nearest_allowed_item(where, k, alpha):
+def test_step_attack_is_the_nearest_allowed_item(where, k, alpha):
   # Batch size 3 does not divide the 7 users: the padding rows are exercised.
-  model, params, attack = jitted_attack("gradient", 3)
+  model, params, attack = jitted_attack("step", 3)
   inputs, targets, history, extra = toy_users()
   users = jnp.arange(len(inputs))
   pos, valid = robustness.attack_positions(inputs, where, k)
@@ -161,7 +161,7 @@ def test_gradient_attack_is_the_nearest_allowed_item(where, k, alpha):
 
 
 def test_tiny_alpha_picks_the_originals_nearest_allowed_neighbour():
-  model, params, attack = jitted_attack("gradient", 3)
+  model, params, attack = jitted_attack("step", 3)
   inputs, targets, history, extra = toy_users(seed=5)
   table = np.asarray(model.items(params), np.float64)
   for where in robustness.POSITIONS:
@@ -177,6 +177,138 @@ def test_tiny_alpha_picks_the_originals_nearest_allowed_neighbour():
       assert out[b, p] == min(dist, key=dist.get)
 
 
+def greedy_minimal(table, origs, grads, valid, forbidden):
+  """Brute force of the `minimal` rule for one row: positions pick latest
+  first, among the allowed j with <E_j - e, g> > 0 the nearest to e."""
+  picks, taken = [0] * len(origs), set(forbidden)
+  for k in reversed(range(len(origs))):
+    if not valid[k]:
+      continue
+    e, g = table[origs[k]], grads[k]
+    dist = {j: np.sum((table[j] - e) ** 2) for j in range(1, len(table))
+            if j not in taken and (table[j] - e) @ g > 0}
+    if dist:
+      picks[k] = min(dist, key=dist.get)
+      taken.add(picks[k])
+  return picks
+
+
+@pytest.mark.parametrize("where,k", [("first", 1), ("middle", 1),
+                                     ("last", 1), ("last", 3)])
+def test_minimal_attack_matches_brute_force(where, k):
+  model, params, attack = jitted_attack("minimal", 3)
+  inputs, targets, history, extra = toy_users(seed=7)
+  pos, valid = robustness.attack_positions(inputs, where, k)
+  out = np.asarray(attack(params, inputs, targets, jnp.arange(len(inputs)),
+                          extra, history, pos, valid, 0.0,
+                          jax.random.PRNGKey(0)))
+  table = np.asarray(model.items(params), np.float64)
+  grads = np.asarray(row_gradient_fn(model)(params, inputs, targets),
+                     np.float64)
+  pos, valid = np.asarray(pos), np.asarray(valid)
+  for b in range(len(inputs)):
+    forbidden = forbidden_set(inputs[b], targets[b], history[b], extra[b])
+    picks = greedy_minimal(table, inputs[b, pos[b]], grads[b, pos[b]],
+                           valid[b], forbidden)
+    expected = inputs[b].copy()
+    for p, j in zip(pos[b], picks):
+      if j:
+        expected[p] = j
+    np.testing.assert_array_equal(out[b], expected, err_msg=f"row {b}")
+    # Each pick lies in the gradient direction from the original.
+    for p, j in zip(pos[b], picks):
+      if j:
+        e, g = table[inputs[b, p]], grads[b, p]
+        assert (table[j] - e) @ g > 0
+
+
+class SumModel:
+  """A hand-built model: W_t is the sum of the real embeddings up to t, so
+  the target-loss gradient at every real position is -s(-<W_T, E_t>) E_t,
+  the direction of -E_target."""
+
+  def __init__(self, table):
+    self.table = jnp.asarray(table, jnp.float32)
+
+  def items(self, params):
+    return self.table
+
+  def embed(self, params, inputs):
+    return self.table[inputs]
+
+  def encode(self, params, S, mask, train=False, rng=None):
+    return jnp.cumsum(S * mask[..., None], axis=1)
+
+
+HAND_TABLE = np.array([
+    [0.0, 0.0],     # 0 padding
+    [1.0, 1.0],     # 1 the last window item, e
+    [-1.0, 0.0],    # 2 the target: the gradient points along +x
+    [0.9, 1.0],     # 3 nearest to e overall, but E_3 - e has negative cosine
+    [1.15, 1.0],    # 4 nearest in the gradient direction, but in the history
+    [1.2, 1.1],     # 5 the rule's pick for item 1
+    [1.0, 1.2],     # 6 nearer than 5, E_6 - e orthogonal to g: not allowed
+    [3.0, 1.0],     # 7 far, positive cosine
+    [1.5, 5.0],     # 8 farther, positive cosine
+    [1.0, 1.05],    # 9 the second-to-last window item
+    [-3.0, -3.0]])  # 10 behind everything
+HN = len(HAND_TABLE) - 1
+
+
+def hand_attack(windows, targets, histories, extra, where, k):
+  windows = jnp.asarray(windows, jnp.int32)
+  history = np.full((len(windows), 2), HN + 1, np.int32)
+  for b, h in enumerate(histories):
+    history[b, :len(h)] = sorted(h)
+  pos, valid = robustness.attack_positions(windows, where, k)
+  return np.asarray(robustness.attack_batch(
+      SumModel(HAND_TABLE), None, windows, jnp.asarray(targets, jnp.int32),
+      jnp.asarray(history), jnp.asarray(extra, jnp.int32), pos, valid, 0.0,
+      jax.random.PRNGKey(0), HN, mode="minimal"))
+
+
+def test_minimal_attack_on_a_hand_built_table():
+  # The premises of the table.
+  e, g = HAND_TABLE[1], np.array([1.0, 0.0])
+  d = np.linalg.norm(HAND_TABLE - e, axis=1)
+  outside = [j for j in np.argsort(d) if j not in (0, 1, 9)]  # not in window
+  assert outside[0] == 3 and (HAND_TABLE[3] - e) @ g < 0
+  assert (HAND_TABLE[4] - e) @ g > 0 and d[4] < d[6] < d[5]
+  assert (HAND_TABLE[6] - e) @ g == 0
+  window = [0, 0, 9, 1]
+  out = hand_attack([window] * 4, [2, 2, 2, 2], [[4], [4], [4], []],
+                    [0, 0, 7, 0], "last", 1)
+  # 3 has negative cosine, 4 is history, 6 is orthogonal: 5.
+  np.testing.assert_array_equal(out[0], [0, 0, 9, 5])
+  # Without the history item, 4 is the nearest in the gradient direction.
+  np.testing.assert_array_equal(out[3], [0, 0, 9, 4])
+  # Last two: the last position picks 5 first; item 9 would also take 5,
+  # so it takes the next one in its gradient direction, 7 (or 8 when 7 is
+  # the excluded extra item).
+  out = hand_attack([window] * 3, [2, 2, 2], [[4], [4], [4]], [0, 7, 0],
+                    "last", 2)
+  np.testing.assert_array_equal(out[0], [0, 0, 7, 5])
+  np.testing.assert_array_equal(out[1], [0, 0, 8, 5])
+  # Nothing lies in the gradient direction of item 7 (the largest x): the
+  # position is left alone.
+  out = hand_attack([[0, 0, 0, 7]], [2], [[]], [0], "last", 1)
+  np.testing.assert_array_equal(out[0], [0, 0, 0, 7])
+  # The first item (9) of a window, through the same rule: 5 again.
+  out = hand_attack([[0, 0, 9, 1]], [2], [[4]], [0], "first", 1)
+  np.testing.assert_array_equal(out[0], [0, 0, 5, 1])
+
+
+def test_gradient_is_an_alias_of_step():
+  """'gradient' (the name before issue 12, in RESULTS.md's commands)."""
+  assert robustness.resolve_mode("gradient") == "step"
+  assert [robustness.resolve_mode(m) for m in robustness.MODES] == list(
+      robustness.MODES)
+  with pytest.raises(ValueError, match="Unknown attack mode 'nearest'"):
+    robustness.resolve_mode("nearest")
+  with pytest.raises(ValueError, match="Unknown attack mode 'nearest'"):
+    robustness.make_attack(tiny_model()[0], N, 3, "nearest")
+
+
 def test_pick_distinct_leaves_a_position_alone_when_nothing_is_left():
   cost = jnp.array([[[0.0, 3.0, 1.0, 2.0]] * 3])  # [1, K=3, N+1=4]
   allowed = jnp.array([[False, True, True, False]])
@@ -186,6 +318,15 @@ def test_pick_distinct_leaves_a_position_alone_when_nothing_is_left():
   picks = robustness.pick_distinct(cost, allowed,
                                    jnp.array([[True, True, False]]))
   np.testing.assert_array_equal(np.asarray(picks), [[1, 2, 0]])
+  # +inf cost: the item may not go to that position.
+  # The last position takes 1 (2 may not go there); the first may take only
+  # 1, which is gone: it picks nothing.
+  cost = jnp.array([[[0.0, 1.0, jnp.inf, 2.0], [0.0, 5.0, jnp.inf, 2.0]]])
+  picks = robustness.pick_distinct(cost, allowed, jnp.ones((1, 2), bool))
+  np.testing.assert_array_equal(np.asarray(picks), [[0, 1]])
+  cost = cost.at[0, 0, 2].set(3.0)  # now 2 may go to the first position
+  picks = robustness.pick_distinct(cost, allowed, jnp.ones((1, 2), bool))
+  np.testing.assert_array_equal(np.asarray(picks), [[2, 1]])
 
 
 def test_random_baseline_respects_exclusions_and_is_uniform():
@@ -265,10 +406,14 @@ def test_replacing_the_last_item_hurts_more_than_the_first(trained):
       last_k=(), batch_size=100)
   clean, attacks = r["clean"], r["attacks"]
   assert clean["ndcg@10"] > 1.5 * pop["ndcg@10"]  # the model has learned
-  assert r["alpha"] > 0 and set(attacks) == {"first", "last"}
+  assert r["mode"] == "minimal" and r["alpha"] is None  # no step size
+  assert set(attacks) == {"first", "last"}
+  # Every test window has real items; one is replaced unless no allowed
+  # item lies in the gradient direction from it (the original is extreme
+  # along g: 8 of the 400 first items here, none of the last ones).
+  assert attacks["last"]["replaced"] == 1
+  assert 0.95 <= attacks["first"]["replaced"] <= 1
   for name in attacks:
-    # Every test window has real items: exactly one is replaced.
-    assert attacks[name]["replaced"] == 1
     drop = (clean["ndcg@10"] - attacks[name]["ndcg@10"]) / clean["ndcg@10"]
     assert attacks[name]["ndcg@10_drop"] == pytest.approx(drop)
   # The paper's motivation (Fig. 5): the latest item matters most.

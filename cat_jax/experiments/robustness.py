@@ -8,6 +8,11 @@ the first / middle / last item (Fig. 5) and the last K = 1..5 items (Fig. 6)
 of each user's test input window and reports clean and attacked NDCG@10 /
 HR@10 and the relative drop. Writes <workdir>/robustness_<mode>.json and,
 when matplotlib is installed (`pip install -e ".[plots]"`), a PNG figure.
+
+--mode (see `cat_jax.robustness`): `minimal` (default, Sec. 5.6: the nearest
+allowed item whose displacement from the original points along the gradient
+of the target's ranking loss), `step` (the item nearest to a gradient step of
+size --alpha; called `gradient` before, which is still accepted) or `random`.
 """
 
 from __future__ import annotations
@@ -95,9 +100,13 @@ def define_flags():
                           "Workdir of the trained run.", seeds=False)
   flags.DEFINE_string("phases", "pretrain",
                       "Comma-separated phases ('phase' or 'subdir/phase').")
-  flags.DEFINE_enum("mode", "gradient", robustness.MODES, "Replacement rule.")
-  flags.DEFINE_float("alpha", None, "Gradient step (default: median "
-                     "nearest-neighbour distance of the item table).")
+  flags.DEFINE_enum(
+      "mode", "minimal", robustness.MODES + tuple(robustness.MODE_ALIASES),
+      "Replacement rule: 'minimal' (Sec. 5.6: nearest allowed item in the "
+      "direction of the target-loss gradient), 'step' (nearest item to a "
+      "gradient step of --alpha; 'gradient' is its old name) or 'random'.")
+  flags.DEFINE_float("alpha", None, "Gradient step of --mode=step (default: "
+                     "median nearest-neighbour distance of the item table).")
   flags.DEFINE_integer("seed", 0, "Seed of the random replacements.")
 
 
