@@ -362,3 +362,14 @@ def plan_from_table(train_inputs, train_users, batch_size: int,
   bounds = bucket_lengths(lengths, inputs.shape[1], num_buckets, batch_size,
                           given)
   return train_plan(users, lengths, bounds, batch_size)
+
+
+def eval_plan_from_table(test_inputs, num_buckets: int,
+                         batch_size: int) -> EvalPlan | None:
+  """An `EvalPlan` read off a host copy of the [E, T] test windows (rows
+  without a real item are left out); None when num_buckets <= 1."""
+  if num_buckets <= 1:
+    return None
+  lens = np.sum(np.asarray(test_inputs) > 0, axis=1)
+  return eval_plan(lens, choose_buckets(lens[lens > 0], num_buckets,
+                                        batch_size))

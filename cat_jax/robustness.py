@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cat_jax import adversarial, evaluate
+from cat_jax import adversarial, batching, evaluate
 
 POSITIONS = ("first", "middle", "last")
 MODES = ("minimal", "step", "random")
@@ -342,7 +342,8 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
                         last_k: Sequence[int] = (1, 2, 3, 4, 5),
                         mode: str = "minimal", alpha=None,
                         batch_size: int = 256, ks: Sequence[int] = (10,),
-                        rng=None, split: str = "test") -> dict:
+                        rng=None, split: str = "test",
+                        plan: batching.EvalPlan | None = None) -> dict:
   """Clean and attacked full-ranking metrics, and their relative drops.
 
   Args:
@@ -359,6 +360,10 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
     ks: metric cut-offs.
     rng: PRNG key; required for mode 'random', unused otherwise.
     split: 'test' (the validation item is history) or 'valid'.
+    plan: length buckets of the evaluation rows (`batching.eval_plan`):
+      attack and ranking run each bucket on its last T_b columns. Modes
+      'minimal' and 'step' give the same result as without (each row is
+      attacked on its own); 'random' draws per batch, so other items.
 
   Returns:
     {"mode" (as resolved), "alpha" (float for mode 'step', else None),
@@ -375,7 +380,7 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
   inputs, targets, users, extra = evaluate.split_inputs(data, split)
   history = data["history"]
   ranker = evaluate.make_ranker(evaluate.model_scores(model), num_items,
-                                batch_size)
+                                batch_size, plan=plan)
 
   def summary(windows):
     r = ranker(params, windows, targets, users, extra, history)
@@ -392,10 +397,21 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
                                           for k in last_k]
   metrics = [m for m in clean if m != "users"]
   out = {}
+  T = inputs.shape[1]
+  groups = [(T, slice(None))] if plan is None else list(
+      zip(plan.lengths, plan.rows))
   for i, (name, where, k) in enumerate(runs):
-    pos, valid = attack_positions(inputs, where, k)
-    attacked = attack(params, inputs, targets, users, extra, history, pos,
-                      valid, step, jax.random.fold_in(rng, i))
+    attacked = inputs
+    for b, (t, rows) in enumerate(groups):
+      # A window of bucket t has at most t real items, so the last k > t
+      # positions of the full window hold padding that is never replaced.
+      sub = inputs[rows, T - t:]
+      pos, valid = attack_positions(sub, where, min(k, t))
+      key = jax.random.fold_in(rng, i)
+      sub = attack(params, sub, targets[rows], users[rows], extra[rows],
+                   history, pos, valid, step,
+                   key if plan is None else jax.random.fold_in(key, b))
+      attacked = attacked.at[rows, T - t:].set(sub)
     s = summary(attacked)
     s.update({f"{m}_drop": relative_drop(clean[m], s[m]) for m in metrics})
     s["replaced"] = float(np.mean(np.sum(np.asarray(attacked != inputs), 1)))

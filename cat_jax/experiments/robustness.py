@@ -23,7 +23,7 @@ import os
 import jax
 from absl import app, flags, logging
 
-from cat_jax import robustness, train
+from cat_jax import batching, robustness, train
 from cat_jax import writer
 from cat_jax.experiments import common
 
@@ -40,10 +40,12 @@ def run(config, workdir: str, phases, mode: str, alpha=None,
     sub, phase = os.path.split(entry)
     model, params, data, num_items = train.load_selected(
         config, os.path.join(workdir, sub), phase)
+    plan = batching.eval_plan_from_table(
+        data["test_inputs"], config.eval.buckets, config.eval.batch_size)
     out[entry] = robustness.evaluate_robustness(
         model, params, data, num_items, mode=mode,
         alpha=alpha, batch_size=config.eval.batch_size,
-        ks=tuple(config.eval.ks), rng=jax.random.PRNGKey(seed))
+        ks=tuple(config.eval.ks), rng=jax.random.PRNGKey(seed), plan=plan)
   return out
 
 
