@@ -36,6 +36,9 @@ def test_eps_sweep_variant_names():
   two = eps_sweep.variants(["cas", "global"], [1.0])
   assert list(two) == ["none", "cas_eps1", "global_eps1"]
   assert two["global_eps1"] == {"adv.method": "global", "adv.eps": 1.0}
+  # Scope 'batch' runs get their own names (and folders).
+  assert list(eps_sweep.variants("cas", [10.0], "batch")) == [
+      "none", "cas_eps10_batch"]
   assert eps_sweep.as_methods(["cas", "global", "cas"]) == ["cas", "global"]
   for bad in ([], ["none"], ["cas", "none"]):
     with pytest.raises(ValueError, match="always run as the reference"):

@@ -32,12 +32,18 @@ def as_methods(methods) -> list:
   return methods
 
 
-def variants(methods, eps_values) -> dict:
-  """{'none': ..., '<method>_eps<e>': overrides} for every method and eps."""
+def variant_name(method: str, eps: float, scope: str = "row") -> str:
+  """'cas_eps0.1', or 'cas_eps10_batch' for adv.scope=batch."""
+  return f"{method}_eps{eps:g}" + ("" if scope == "row" else f"_{scope}")
+
+
+def variants(methods, eps_values, scope: str = "row") -> dict:
+  """{'none': ..., '<method>_eps<e>[_<scope>]': overrides} for every method
+  and eps (the scope is part of the name unless it is 'row')."""
   out = {"none": {"adv.method": "none"}}
   for m in as_methods(methods):
     for e in eps_values:
-      out[f"{m}_eps{e:g}"] = {"adv.method": m, "adv.eps": float(e)}
+      out[variant_name(m, e, scope)] = {"adv.method": m, "adv.eps": float(e)}
   return out
 
 
@@ -46,10 +52,12 @@ def run_sweep(config, workdir: str, seeds, methods, eps_values,
   """Trains (or reads back) every variant; the summary of `common`."""
   methods = as_methods(methods)
   runs = common.run_variants(config, workdir, seeds,
-                             variants(methods, eps_values), vectorize)
+                             variants(methods, eps_values, config.adv.scope),
+                             vectorize)
   summary = common.summarize(runs, seeds)
   summary["eps"] = [float(e) for e in eps_values]
   summary["methods"] = methods
+  summary["scope"] = config.adv.scope
   return summary
 
 
@@ -62,7 +70,8 @@ def plot(summary: dict, path: str) -> bool:
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
   for ax, k in zip(axes, common.METRICS):
     for m in summary["methods"]:
-      ys = [rows[f"{m}_eps{e:g}"][k] for e in eps]
+      ys = [rows[variant_name(m, e, summary.get("scope", "row"))][k]
+            for e in eps]
       ax.errorbar(eps, [y["mean"] for y in ys], [y["std"] for y in ys],
                   marker="o", capsize=2, label=m)
     ax.axhline(rows["none"][k]["mean"], color="gray", ls="--", label="none")
@@ -84,8 +93,10 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   summary = run_sweep(F.config, F.workdir, common.split_list(F.seeds, int),
                       methods, common.split_list(F.eps, float), F.vectorize)
-  md = common.write(F.workdir, "eps_sweep", summary)
-  plot(summary, os.path.join(F.workdir, "eps_sweep.png"))
+  stem = "eps_sweep" + ("" if summary["scope"] == "row" else
+                        f"_{summary['scope']}")
+  md = common.write(F.workdir, stem, summary)
+  plot(summary, os.path.join(F.workdir, stem + ".png"))
   print(md)
 
 
