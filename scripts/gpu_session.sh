@@ -1,6 +1,6 @@
 #!/bin/bash
-# The GPU measurements of issues 3-5 as three short device calls; each writes
-# only small JSON/Markdown files to $OUT (checkpoints stay in /tmp there).
+# The GPU measurements as short device calls; each writes only small
+# JSON/Markdown files to $OUT (checkpoints stay in /tmp there).
 #
 # Prepare here (this machine), once:
 #   echo /.whl/ >> .git/info/exclude      # .data/ is already git-ignored
@@ -9,13 +9,17 @@
 #       ml_collections==1.1.0
 #   mkdir -p .data && cp ../shared/data/Video.txt ../shared/data/Beauty.txt .data/
 # Then, through the device tool, with carry [".whl", ".data"]:
-#   bash scripts/gpu_session.sh bench     # ~4 min: benchmarks/RESULTS.md input
-#   bash scripts/gpu_session.sh table2    # ~6 min: Video SASRec, 3 seeds
-#   bash scripts/gpu_session.sh bf16      # ~3 min: bf16 vs fp32 NDCG@10
+#   bash scripts/gpu_session.sh bench       # ~4 min: benchmarks/RESULTS.md input
+#   bash scripts/gpu_session.sh table2 sasrec_video EPS
+#        # the paper-budget Table 2 + ablation of one setting, 3 seeds trained
+#        # together (scripts/cpu_paper.sh table with VECTORIZE=1); EPS as in
+#        # RESULTS.md's status table, e.g. linear=0.1,seq=0.1,global=0.1,...
+#   bash scripts/gpu_session.sh bf16        # ~3 min: bf16 vs fp32 NDCG@10
 # Timing numbers use the machine's own JAX (CUDA plugin); nothing is
-# installed from the network.
+# installed from the network. Keep each call inside the session's 15 minutes
+# of device time: run `bench` first, then as many table2 settings as fit.
 set -uo pipefail
-mode=${1:?usage: gpu_session.sh bench|table2|bf16 [extra flags]}; shift
+mode=${1:?usage: gpu_session.sh bench|table2 SETTING EPS|bf16}; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -33,20 +37,18 @@ keep() {  # copy the small result files of a workdir tree to $OUT
 case $mode in
   bench)
     b="python3 benchmarks/bench.py"
-    { $b --shapes=ml1m,video --what=epoch_base,epoch_cas,epoch_runs,eval,cascade
+    { $b --shapes=ml1m,video,video_file --buckets=1,4 \
+          --what=epoch_base,epoch_cas,epoch_runs,eval,cascade,topk
       $b --shapes=ml1m --models=sasrec,gru4rec --what=protocol --repeats=1
       $b --shapes=video --models=sasrec --what=cascade_100m --repeats=3
-      $b --shapes=large --models=sasrec --what=eval --item_chunk=65536 \
+      $b --shapes=large --models=sasrec --what=eval,topk --item_chunk=65536 \
           --repeats=1
     } > "$OUT/bench.jsonl" 2> "$OUT/bench.err"
     ;;
   table2)
-    # Paper epochs (500 + 100), eps per method as chosen on validation
-    # (README "Results"), all seeds of a phase in one vmapped program.
-    python3 -m cat_jax.experiments.table2 --config=configs/sasrec_video.py \
-        --workdir=$work/table2_sasrec_video --seeds=0,1,2 --vectorize \
-        --eps=linear=0.1,seq=1,global=0.1,cas=0.1 "$@" \
-        > "$OUT/table2.log" 2>&1
+    setting=${1:?setting, e.g. sasrec_video}; eps=${2:?eps per method}
+    RUNS=$work VECTORIZE=1 bash scripts/cpu_paper.sh "$setting" table "$eps" \
+        > "$OUT/table2_$setting.log" 2>&1
     keep
     ;;
   bf16)

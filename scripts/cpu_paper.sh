@@ -1,0 +1,63 @@
+#!/bin/bash
+# The paper-budget experiments on a CPU, one stage at a time (issues 12, 16).
+#
+#   CAT_DATA_DIR=../shared/data scripts/cpu_paper.sh SETTING STAGE [ARG]
+#
+# SETTING: sasrec_video | gru4rec_video | sasrec_beauty | gru4rec_beauty
+# STAGE:
+#   pretrain SEEDS     phase 1 of each seed: up to 500 epochs, validation
+#                      every 5, early stop after 10 evaluations (50 epochs)
+#                      without a better NDCG@10 (seed<k>/pretrain)
+#   grid               eps on seed 0's validation: linear, seq, global, cas
+#                      at the model's row-scope grid; 10 phase-2 epochs
+#   grid_batch         global and cas at scope 'batch', eps 1, 3, 10, 30
+#   table EPS [SEEDS]  Table 2: none, linear, seq, global, cas (+ cascade
+#                      ablation) at EPS ('linear=0.1,seq=0.1,...'), phase 2
+#                      up to 100 epochs, early stop after 4 evaluations (20
+#                      epochs) without improvement
+#   robustness PHASES SEED   Fig. 5/6, minimal attack, of trained phases
+#                      ('pretrain,none/none,cas/cas')
+# Runs go to $RUNS/paper_<setting> (default RUNS=runs); every stage resumes
+# from checkpoints and reads finished runs back, so a stage can be run again
+# to complete or extend it. Pin it to a core with `taskset -c N`.
+# VECTORIZE=1 trains the seeds of a phase together (table; for a GPU, see
+# scripts/gpu_session.sh).
+set -euo pipefail
+setting=${1:?setting}; stage=${2:?stage}; arg=${3:-}; arg2=${4:-}
+model=${setting%_*}
+runs=${RUNS:-runs}
+w=$runs/paper_$setting
+cfg=configs/$setting.py
+# Phase 1 (shared by every stage: all stages must pass the same values).
+base=(--config.train.epochs=500 --config.train.eval_every=5
+      --config.train.patience=10 --config.train.buckets=4
+      --config.eval.buckets=4 --config.adv.init=best)
+if [ "$model" = sasrec ]; then grid=0.02,0.05,0.1,0.2; else grid=0.3,0.5,1,2; fi
+case $stage in
+  pretrain)
+    IFS=, read -ra seeds <<< "${arg:-0,1,2}"
+    for s in "${seeds[@]}"; do
+      python launch.py --config=$cfg:seed=$s --workdir=$w/seed$s \
+          --config.adv.epochs=0 "${base[@]}"
+    done ;;
+  grid)
+    python -m cat_jax.experiments.eps_sweep --config=$cfg --workdir=$w \
+        --seeds=0 --method=linear,seq,global,cas --eps=$grid \
+        --config.adv.epochs=10 --config.adv.eval_every=2 "${base[@]}" ;;
+  grid_batch)
+    python -m cat_jax.experiments.eps_sweep --config=$cfg --workdir=$w \
+        --seeds=0 --method=global,cas --eps=1,3,10,30 \
+        --config.adv.scope=batch --config.adv.epochs=10 \
+        --config.adv.eval_every=2 "${base[@]}" ;;
+  table)
+    python -m cat_jax.experiments.table2 --config=$cfg --workdir=$w \
+        --seeds=${arg2:-0,1,2} --eps=${arg:?eps per method} ${VECTORIZE:+--vectorize} \
+        --methods=none,linear,seq,global,cas,cas_temporal,cas_cross \
+        --config.adv.epochs=100 --config.adv.eval_every=5 \
+        --config.adv.patience=4 "${base[@]}" ;;
+  robustness)
+    python -m cat_jax.experiments.robustness --config=$cfg \
+        --workdir=$w/seed${arg2:-0} --phases=${arg:?phases} --mode=minimal \
+        "${base[@]}" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
