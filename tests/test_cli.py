@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -73,11 +72,18 @@ def test_summary_says_when_phase_2_ends_below_phase_1(make_config):
 
 
 def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path):
+  """Also the default config, shrunk, trained end to end from the CLI."""
   args = [*SMALL, "--config.train.epochs=24", "--config.train.eval_every=5",
-          "--config.adv.epochs=0", "--config.model.hidden=16"]
+          "--config.adv.epochs=1", "--config.model.hidden=16"]
   full = run_cli(*args, f"--workdir={tmp_path / 'full'}")
   assert full.returncode == 0, full.stderr[-2000:]
   assert "Summary (" in full.stdout and "selected epoch" in full.stdout
+  assert "cas vs pretrain" in full.stdout
+  assert "steps/s" in full.stderr and "ETA" in full.stderr
+  assert "including compilation" in full.stderr
+  assert "Unable to initialize backend" not in full.stderr
+  assert set(json.load(open(tmp_path / "full" / "results.json"))) >= {
+      "pretrain", "cas", "data", "popularity/valid"}
 
   cmd = [sys.executable, os.path.join(ROOT, "launch.py"), *args,
          f"--workdir={tmp_path / 'cut'}"]
@@ -103,7 +109,7 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path):
   again = run_cli(*args, f"--workdir={tmp_path / 'cut'}")
   assert again.returncode == 0, again.stderr[-2000:]
   assert f"resumed from epoch {epoch}" in again.stderr
-  untimed = lambda d: {k: v for k, v in json.load(
-      open(tmp_path / d / "results.json"))["pretrain"].items()
-                       if k != "train_s"}
-  assert untimed("cut") == untimed("full")
+  untimed = lambda d, p: {k: v for k, v in json.load(
+      open(tmp_path / d / "results.json"))[p].items() if k != "train_s"}
+  for phase in ("pretrain", "cas"):
+    assert untimed("cut", phase) == untimed("full", phase)

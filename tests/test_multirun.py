@@ -22,7 +22,6 @@ def test_vmapped_runs_match_runs_trained_alone(make_config):
   objective = adversarial.make_objective(
       model, adversarial.method_config("cas", eps=0.5))
   pert = cascade.weights_for_method(dd["train_inputs"], 64, "cas")
-  n_users = int(dd["train_users"].shape[0])
   seeds = [0, 1]
   init_keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
 

@@ -126,25 +126,8 @@ def test_cli_wrong_path_is_one_clear_line(tmp_path):
   assert r.returncode == 1
   assert "error: Data file not found: '/nonexistent/Video.txt'" in r.stderr
   assert "Traceback" not in r.stderr
-
-
-def test_cli_unknown_config_argument(tmp_path):
-  r = run_cli("--config=configs/sasrec_video.py:methd=cas",
-              f"--workdir={tmp_path}")
-  assert r.returncode != 0
-  assert "Unknown config argument 'methd'" in r.stderr
-
-
-def test_cli_trains_the_default_config_shrunk(tmp_path):
-  r = run_cli(f"--workdir={tmp_path}", "--config.train.epochs=2",
-              "--config.train.eval_every=1", "--config.adv.epochs=1",
-              "--config.data.synthetic.num_users=300",
-              "--config.data.synthetic.num_items=100",
-              "--config.data.synthetic.num_clusters=5")
-  assert r.returncode == 0, r.stderr[-2000:]
-  results = json.load(open(tmp_path / "results.json"))
-  assert set(results) >= {"pretrain", "cas", "data"}
-  assert "steps/s" in r.stderr and "ETA" in r.stderr
+  assert r.stderr.count("Data file not found") == 1  # said once
+  assert os.listdir(tmp_path) == []  # nothing written
 
 
 def test_epoch_and_ranker_compile_once(make_config):
