@@ -43,6 +43,34 @@ Every level-1 norm, the random start and the relative size (`relative`) are
 taken over the real positions only (w > 0), and the random start is drawn per
 position counted from the end of the window, so a left-padded sequence gets
 the same perturbation whatever the amount of padding (same rng).
+
+Per-user magnitude (`magnitude`, beyond the paper). 'uniform' (default): every
+perturbation has size eps, as above. 'pamacf' follows PamaCF (Zhang et al.,
+"Understanding and Improving Adversarial Collaborative Filtering for Robust
+Recommendation", arXiv 2410.22844, Sec. 4): user u's perturbation has size
+rho * c(u, t) with c(u, t) = sigmoid(||u(t)|| - mean_u' ||u'(t)||), here
+rho = eps and u(t) the user embedding W [B, T, d], one per position (each
+position of a sequence is one user state that the BCE compares with an item):
+  c_bt = sigmoid(||W_bt|| - mean ||W||), the mean over the batch's real
+  positions (loss weights > 0).
+PamaCF averages over the users at the current epoch; here W is a function of
+the whole sequence through the encoder, so an average over every user would
+need a forward pass over the whole data set at every step: the batch mean is
+the mini-batch estimate of it (padding, and the fill rows of the last batch,
+are left out). The factor is held constant (`stop_gradient`), as the
+perturbation itself is. `magnitude_factors` computes it.
+  Level 2: W_bt, E_pos,bt and E_neg,bt are each moved by eps * c_bt (the item
+    perturbations too: they belong to the same loss term of the same user
+    state, and in APR/PamaCF one magnitude bounds the perturbation of a
+    user's term; scaling W alone would mix two sizes in one term).
+  Level 1: sequence b's size (eps in 'equal', the s of `budgeted_perturbation`)
+    becomes eps * c_b with c_b the mean of c_bt over its real positions (the
+    user's states over the window, the same factors and centering as level 2,
+    so the two levels do not drift apart; the last position's W, the one used
+    for ranking, is one of them). The random start (xi) is not scaled: it only
+    picks where the gradient is taken.
+With equal norms everywhere every factor is sigmoid(0) = 1/2, so 'pamacf'
+spends on average about half of 'uniform' at the same eps.
 """
 
 from __future__ import annotations
@@ -60,6 +88,7 @@ CASCADE_METHODS = ("cas", "cas_temporal", "cas_cross")
 SCOPES = ("row", "batch")
 DIRECTIONS = ("input", "weighted")
 BUDGETS = ("equal", "mean")
+MAGNITUDES = ("uniform", "pamacf")
 
 
 class AdvConfig(NamedTuple):
@@ -80,6 +109,9 @@ class AdvConfig(NamedTuple):
     module docstring).
   budget: level-1 size, 'equal' (every method applies global's norm) or
     'mean' (w ⊙ A with the data-set-wide mean-1 weights).
+  magnitude: per-user size, 'uniform' (eps everywhere) or 'pamacf' (eps
+    times the user's factor c = sigmoid(||W|| - mean ||W||); see the module
+    docstring).
   """
   level1: str = "none"
   level2: bool = False
@@ -91,19 +123,22 @@ class AdvConfig(NamedTuple):
   relative: bool = False
   direction: str = "input"
   budget: str = "equal"
+  magnitude: str = "uniform"
 
 
 def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
                   lambda2: float = 1.0, xi: float = 1e-3,
                   scope: str = "row", relative: bool = False,
                   direction: str = "input",
-                  budget: str = "equal") -> AdvConfig:
+                  budget: str = "equal",
+                  magnitude: str = "uniform") -> AdvConfig:
   """AdvConfig of a named method; raises a clear error on bad values.
 
   Args:
     method: one of METHODS.
-    eps, lambda1, lambda2, xi, scope, relative, direction, budget: see
-      `AdvConfig` (direction and budget act on level 1 only).
+    eps, lambda1, lambda2, xi, scope, relative, direction, budget, magnitude:
+      see `AdvConfig` (direction and budget act on level 1 only; magnitude
+      on both levels, with any method).
   """
   if method not in METHODS:
     raise ValueError(
@@ -116,6 +151,9 @@ def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
   if budget not in BUDGETS:
     raise ValueError(f"Unknown adv.budget {budget!r}; choose one of "
                      f"{BUDGETS}.")
+  if magnitude not in MAGNITUDES:
+    raise ValueError(f"Unknown adv.magnitude {magnitude!r}; choose one of "
+                     f"{MAGNITUDES}.")
   for name, v in (("eps", eps), ("lambda1", lambda1), ("lambda2", lambda2),
                   ("xi", xi)):
     if not v >= 0:  # also catches NaN
@@ -126,7 +164,7 @@ def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
   return AdvConfig(level1=level1, level2=level2, eps=float(eps),
                    lambda1=float(lambda1), lambda2=float(lambda2), xi=float(xi),
                    scope=scope, relative=bool(relative), direction=direction,
-                   budget=budget)
+                   budget=budget, magnitude=magnitude)
 
 
 def l2_normalize(g: jax.Array, axes) -> jax.Array:
@@ -141,6 +179,33 @@ def safe_norm(x: jax.Array, axis=-1) -> jax.Array:
   sq = jnp.sum(jnp.square(x), axis=axis)
   safe = jnp.where(sq > 0, sq, 1.0)
   return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+
+
+def magnitude_factors(W: jax.Array, weights: jax.Array) -> jax.Array:
+  """PamaCF's c = sigmoid(||W_bt|| - mean ||W||) per position, [B, T].
+
+  c(u, t) of Zhang et al. (arXiv 2410.22844, Sec. 4) with one user
+  embedding per position: ||W_bt|| is the L2 norm of W [B, T, d] over d, and
+  the mean is over the batch's real positions (weights > 0; see the module
+  docstring for why the batch and not every user). Constant
+  (`stop_gradient`); a batch without real positions gets sigmoid(||W||).
+
+  Args:
+    W: [B, T, d] user embeddings (the encoder's output).
+    weights: [B, T] loss weights, > 0 at the real positions.
+  """
+  norms = safe_norm(jax.lax.stop_gradient(W).astype(jnp.float32))
+  real = (weights > 0).astype(norms.dtype)
+  mean = jnp.sum(norms * real) / jnp.maximum(jnp.sum(real), 1.0)
+  return jax.lax.stop_gradient(jax.nn.sigmoid(norms - mean))
+
+
+def sequence_factors(W: jax.Array, weights: jax.Array) -> jax.Array:
+  """[B]: each sequence's level-1 factor, the mean of `magnitude_factors`
+  over its real positions (0 for a sequence without one)."""
+  c = magnitude_factors(W, weights)
+  real = (weights > 0).astype(c.dtype)
+  return jnp.sum(c * real, axis=-1) / jnp.maximum(jnp.sum(real, axis=-1), 1.0)
 
 
 def _size(eps: float, ref, axes):
@@ -258,7 +323,9 @@ def level1_perturbation(encode: Callable[[jax.Array], jax.Array],
       X = S (rng unused);
     'none': zeros.
   `cfg.direction` 'weighted' uses w ⊙ g instead of g (the gradient with
-  respect to A); `cfg.budget` sets the size (`budgeted_perturbation`).
+  respect to A); `cfg.budget` sets the size (`budgeted_perturbation`), and
+  `cfg.magnitude` 'pamacf' multiplies each sequence's eps by
+  `sequence_factors(W, weights)` (module docstring).
   The result is a constant (`stop_gradient`).
 
   Args:
@@ -271,7 +338,8 @@ def level1_perturbation(encode: Callable[[jax.Array], jax.Array],
     weights: [B, T] loss weights (1 at steps with a target); defaults to
       pert_w > 0.
     pos, neg: [B, T, d] positive / negative item embeddings (level1 'bce').
-    W: encode(S), when already computed (saves one encoder pass).
+    W: encode(S), when already computed (saves one encoder pass; also
+      what the 'pamacf' factors are computed from).
 
   Returns:
     [B, T, d], 0 at padding positions.
@@ -299,9 +367,21 @@ def level1_perturbation(encode: Callable[[jax.Array], jax.Array],
   elif cfg.direction != "input":
     raise ValueError(f"Unknown adv.direction {cfg.direction!r}; choose one "
                      f"of {DIRECTIONS}.")
-  delta = budgeted_perturbation(g, pert_w, cfg.eps, cfg,
+  delta = budgeted_perturbation(g, pert_w, _level1_eps(encode, S, W, weights,
+                                                      cfg), cfg,
                                 S if cfg.relative else None)
   return jax.lax.stop_gradient(delta)
+
+
+def _level1_eps(encode, S, W, weights, cfg: AdvConfig):
+  """eps, or per sequence eps * c_b [B, 1, 1] with magnitude 'pamacf'."""
+  if cfg.magnitude == "uniform":
+    return cfg.eps
+  if cfg.magnitude != "pamacf":
+    raise ValueError(f"Unknown adv.magnitude {cfg.magnitude!r}; choose one "
+                     f"of {MAGNITUDES}.")
+  W = jax.lax.stop_gradient(encode(S) if W is None else W)
+  return cfg.eps * sequence_factors(W, weights)[:, None, None].astype(S.dtype)
 
 
 def embedding_distance(encode: Callable, S, W, delta, weights):
@@ -332,12 +412,22 @@ def level1_bce(encode, S, pos, neg, pert_w, weights, cfg: AdvConfig):
 def level2(W, pos, neg, weights, cfg: AdvConfig):
   """L_adv2 (Eq. 4.8/4.9): BCE with W, E_pos, E_neg each pushed by eps*h/||h||.
 
+  With magnitude 'pamacf', eps becomes eps * c_bt at each position
+  (`magnitude_factors(W, weights)`, for all three; module docstring).
   Returns (L_adv2, (dW, dpos, dneg)).
   """
   consts = [jax.lax.stop_gradient(x) for x in (W, pos, neg)]
   grads = jax.grad(lambda w, p, n: losses.bce_loss(w, p, n, weights),
                    argnums=(0, 1, 2))(*consts)
-  dW, dp, dn = (row_perturbation(g, cfg.eps, cfg.scope,
+  if cfg.magnitude == "uniform":
+    eps = cfg.eps
+  elif cfg.magnitude == "pamacf":
+    eps = cfg.eps * magnitude_factors(consts[0], weights)[..., None].astype(
+        consts[0].dtype)
+  else:
+    raise ValueError(f"Unknown adv.magnitude {cfg.magnitude!r}; choose one "
+                     f"of {MAGNITUDES}.")
+  dW, dp, dn = (row_perturbation(g, eps, cfg.scope,
                                  x if cfg.relative else None)
                 for g, x in zip(grads, consts))
   return losses.bce_loss(W + dW, pos + dp, neg + dn, weights), (dW, dp, dn)

@@ -49,6 +49,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.zipf = 1.1
   # Seed of the generator (independent of the training seed).
   c.data.synthetic.seed = 0
+  c.data.poison = ml_collections.ConfigDict()
+  # Fake users added to training only (poisoning.py): none, random, bandwagon.
+  c.data.poison.attack = "none"
+  # Number of fake users as a share of the real users (0.01 = 1%).
+  c.data.poison.share = 0.01
+  # Target items, drawn uniformly among the less popular half of the items.
+  c.data.poison.num_targets = 5
+  # Filler items before each occurrence of the target in a fake sequence.
+  c.data.poison.filler_len = 4
+  # Blocks (filler_len fillers, then the target) in each fake sequence.
+  c.data.poison.repeats = 3
+  # Bandwagon fillers come from this share of the most popular items.
+  c.data.poison.popular_share = 0.05
+  # Seed of the targets and fake users (independent of the training seed).
+  c.data.poison.seed = 0
 
   c.model = ml_collections.ConfigDict()
   # 'sasrec' or 'gru4rec'.
@@ -120,6 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.adv.direction = "input"
   # Level-1 size: 'equal' (global's norm per sequence) or 'mean' (w * A).
   c.adv.budget = "equal"
+  # Per-user size: 'uniform' (eps) or 'pamacf' (eps * c_u, see adversarial.py).
+  c.adv.magnitude = "uniform"
   # Evaluate (and save) every N phase-2 epochs; 0 = train.eval_every.
   c.adv.eval_every = 0
   # Early stopping of phase 2 in evaluations without improvement (0 = off).

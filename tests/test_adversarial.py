@@ -193,6 +193,8 @@ def test_adv_step_is_reusable_with_a_foreign_encoder():
     (dict(method="cas", lambda2=float("nan")), "adv.lambda2 must be >= 0"),
     (dict(method="cas", direction="grad"), "Unknown adv.direction 'grad'"),
     (dict(method="cas", budget="sum"), "Unknown adv.budget 'sum'"),
+    (dict(method="cas", magnitude="per_user"),
+     "Unknown adv.magnitude 'per_user'"),
 ])
 def test_bad_settings_are_clear_errors(bad, match):
   with pytest.raises(ValueError, match=match):
@@ -460,3 +462,170 @@ def test_train_adv_config_passes_the_level1_knobs(make_config):
   cfg = train.adv_config(make_config(**{"adv.direction": "weighted",
                                         "adv.budget": "mean"}))
   assert (cfg.direction, cfg.budget) == ("weighted", "mean")
+
+
+# --- Per-user magnitude (issue 14, PamaCF) ---------------------------------
+
+
+def brute_force_factors(W, weights):
+  """c_bt = sigmoid(||W_bt|| - mean over real positions of ||W||), by loops."""
+  W, weights = np.asarray(W, np.float64), np.asarray(weights)
+  Bw, Tw = weights.shape
+  norms = [[float(np.sqrt(sum(x * x for x in W[b, t]))) for t in range(Tw)]
+           for b in range(Bw)]
+  real = [norms[b][t] for b in range(Bw) for t in range(Tw)
+          if weights[b, t] > 0]
+  mean = sum(real) / len(real)
+  return np.array([[1.0 / (1.0 + np.exp(-(norms[b][t] - mean)))
+                    for t in range(Tw)] for b in range(Bw)])
+
+
+def magnitude_problem(seed=5):
+  """Toy batch whose encoder outputs have clearly different norms per row."""
+  p, ids, tg, ng, mask, w, pert = toy_problem(seed)
+  scale = jnp.asarray([0.3, 1.0, 2.5, 4.0], jnp.float32)[:, None, None]
+  encode = lambda s: scale * toy_encoder(p, s, mask)
+  return p, ids, tg, ng, mask, w, pert, encode
+
+
+@pytest.mark.parametrize("scope", ["row", "batch"])
+def test_pamacf_level2_matches_brute_force(scope):
+  """Level 2: W, E_pos, E_neg at (b, t) move by eps * c_bt along the
+  direction 'uniform' takes, c from a loop over the positions."""
+  p, ids, tg, ng, mask, w, pert, encode = magnitude_problem()
+  W = encode(p["E"][ids])
+  pos, neg = p["E"][tg], p["E"][ng]
+  c = brute_force_factors(W, w)
+  np.testing.assert_allclose(np.asarray(adversarial.magnitude_factors(W, w)),
+                             c, rtol=1e-5)
+  assert np.ptp(c[np.asarray(mask)]) > 0.3  # the factors differ
+  eps = 0.8
+  _, uni = adversarial.level2(W, pos, neg, w, adversarial.method_config(
+      "linear", eps=eps, scope=scope))
+  adv2, pam = adversarial.level2(W, pos, neg, w, adversarial.method_config(
+      "linear", eps=eps, scope=scope, magnitude="pamacf"))
+  for u, d in zip(uni, pam):
+    np.testing.assert_allclose(np.asarray(d), c[..., None] * np.asarray(u),
+                               rtol=1e-5, atol=1e-7)
+  if scope == "row":  # each real position's W moves by exactly eps * c_bt
+    m = np.asarray(mask)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(pam[0]), axis=-1)[m],
+                               eps * c[m], rtol=1e-5)
+  want = losses.bce_loss(W + pam[0], pos + pam[1], neg + pam[2], w)
+  assert float(adv2) == pytest.approx(float(want), rel=1e-6)
+
+
+@pytest.mark.parametrize("cfg_kw", [
+    dict(method="cas"), dict(method="cas", budget="mean"),
+    dict(method="global", relative=True), dict(method="seq"),
+    dict(method="cas", scope="batch")])
+def test_pamacf_level1_matches_brute_force(cfg_kw):
+  """Level 1: sequence b's perturbation is c_b times uniform's, c_b the mean
+  of the loop's c_bt over its real positions."""
+  p, ids, tg, ng, mask, w, pert, encode = magnitude_problem(6)
+  S = p["E"][ids]
+  c = brute_force_factors(encode(S), w)
+  m = np.asarray(mask)
+  c_seq = np.array([c[b][m[b]].mean() for b in range(B)])
+  key = jax.random.PRNGKey(2)
+  get = lambda **kw: np.asarray(adversarial.level1_perturbation(
+      encode, S, pert, key, adversarial.method_config(eps=0.9, **cfg_kw, **kw),
+      weights=w, pos=p["E"][tg], neg=p["E"][ng]))
+  uni, pam = get(), get(magnitude="pamacf")
+  assert np.abs(uni).sum() > 0
+  np.testing.assert_allclose(pam, c_seq[:, None, None] * uni, rtol=1e-4,
+                             atol=1e-7)
+  # The same through adv_step, which hands its W over (no second pass).
+  np.testing.assert_allclose(
+      np.asarray(adversarial.sequence_factors(encode(S), w)), c_seq,
+      rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["linear", "seq", "global", "cas"])
+def test_uniform_magnitude_is_the_default_bit_for_bit(method):
+  p, ids, tg, ng, mask, w, pert = toy_problem(3)
+  key = jax.random.PRNGKey(4)
+  default = adversarial.method_config(method, eps=0.7)
+  uniform = adversarial.method_config(method, eps=0.7, magnitude="uniform")
+  assert default.magnitude == "uniform" == adversarial.AdvConfig().magnitude
+  a = toy_terms(p, ids, tg, ng, mask, w, pert, default, key)
+  b = toy_terms(p, ids, tg, ng, mask, w, pert, uniform, key)
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+  S, encode = p["E"][ids], lambda s: toy_encoder(p, s, mask)
+  d = [np.asarray(adversarial.level1_perturbation(
+      encode, S, pert, key, cfg, weights=w, pos=p["E"][tg], neg=p["E"][ng]))
+       for cfg in (default, uniform)]
+  np.testing.assert_array_equal(d[0], d[1])
+  # ... and pamacf differs (the comparison can fail).
+  pam = toy_terms(p, ids, tg, ng, mask, w, pert,
+                  uniform._replace(magnitude="pamacf"), key)
+  assert float(pam["loss"]) != float(a["loss"])
+
+
+def test_pamacf_with_equal_norms_is_half_eps():
+  """All ||W|| equal: every factor is sigmoid(0) = 1/2, so pamacf at eps
+  is uniform at eps / 2 on both levels."""
+  p, ids, tg, ng, mask, w, pert = toy_problem(4)
+  m = mask[..., None]
+  encode = lambda s: 3.0 * adversarial.l2_normalize(
+      toy_encoder(p, s, mask) + 0.01, -1) * m
+  S = p["E"][ids]
+  W = encode(S)
+  np.testing.assert_allclose(np.asarray(adversarial.magnitude_factors(W, w))[
+      np.asarray(mask)], 0.5, rtol=1e-6)
+  key = jax.random.PRNGKey(8)
+  get = lambda method, eps, mag: adversarial.adv_step(
+      encode, S, p["E"][tg], p["E"][ng], w, pert, key,
+      adversarial.method_config(method, eps=eps, magnitude=mag))
+  for method in ("cas", "linear", "seq"):
+    a, b = get(method, 1.2, "pamacf"), get(method, 0.6, "uniform")
+    for k in a:
+      assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-5), (method, k)
+  d = [np.asarray(adversarial.level1_perturbation(
+      encode, S, pert, key, adversarial.method_config(
+          "cas", eps=e, magnitude=mag), weights=w))
+       for e, mag in ((1.2, "pamacf"), (0.6, "uniform"))]
+  np.testing.assert_allclose(d[0], d[1], rtol=1e-5, atol=1e-7)
+
+
+def test_pamacf_trains_under_jit(make_config):
+  """cas + pamacf through the real train step (one jitted epoch; GRU4Rec
+  compiles faster, SASRec + pamacf trains in tests/test_poisoning.py)."""
+  config = make_config(**{"adv.method": "cas", "adv.eps": 1.0,
+                          "adv.magnitude": "pamacf",
+                          "model.name": "gru4rec"})
+  cfg = train.adv_config(config)
+  assert (cfg.level1, cfg.level2, cfg.magnitude) == ("distance", True,
+                                                     "pamacf")
+  ds = data.load_from_config(config.data)
+  arrays = data.build_arrays(ds, config.data.max_len)
+  dd = train.device_data(arrays)
+  model = models.build_model(config.model, arrays.num_items, arrays.max_len)
+  opt = train.make_optimizer(config.train)
+  state = train.init_state(model, opt, jax.random.PRNGKey(0), arrays.max_len)
+  epoch, steps = train.make_train_epoch(
+      adversarial.make_objective(model, cfg), opt, arrays.num_items,
+      batching.plan_from_table(arrays.train_inputs, arrays.train_users, 64))
+  pert = cascade.weights_for_method(dd["train_inputs"], 64, "cas")
+  state, terms = epoch(state, dd, pert, jax.random.PRNGKey(1),
+                       jax.random.PRNGKey(1))
+  assert int(state.step) == steps
+  chex.assert_tree_all_finite(terms)
+  assert np.all(np.asarray(terms["adv1"]) > 0)
+  assert np.all(np.asarray(terms["adv2"]) > 0)
+  # A toy loss with pamacf differentiates under jit for every level-1 kind.
+  p, ids, tg, ng, mask, w, pert = toy_problem(2)
+  for method in ("seq", "linear", "cas"):
+    c = adversarial.method_config(method, eps=0.5, magnitude="pamacf")
+    f = jax.jit(lambda q: toy_terms(q, ids, tg, ng, mask, w, pert, c,
+                                    jax.random.PRNGKey(0))["loss"])
+    chex.assert_tree_all_finite(jax.grad(f)(p))
+
+
+def test_train_adv_config_passes_the_magnitude(make_config):
+  assert train.adv_config(make_config()).magnitude == "uniform"
+  assert train.adv_config(make_config(
+      **{"adv.magnitude": "pamacf"})).magnitude == "pamacf"
+  with pytest.raises(ValueError, match="Unknown adv.magnitude 'x'"):
+    train.adv_config(make_config(**{"adv.magnitude": "x"}))
