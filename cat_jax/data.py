@@ -11,6 +11,9 @@ Conventions (the paper's and SASRec's):
   * every sequence is in time order, oldest first;
   * leave-one-out: last item = test target, second-to-last = validation target,
     the rest = training. Users with fewer than 3 interactions are training-only.
+  * train-only users (`Dataset.num_real_users`; the fake users of
+    `cat_jax.poisoning`) come after the real ones: their whole sequence is
+    training data, they are never evaluated and `describe` counts them apart.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ class DataError(ValueError):
   """A data file is missing or malformed; the message names file and line."""
 
 
+class TrainOnlySequence(np.ndarray):
+  """An item sequence that is training data as a whole (a fake user's).
+
+  `Dataset` gives this type to the sequences of its train-only users, so
+  that `split` (and every caller that splits `ds.sequences[u]` itself, e.g.
+  `batching.train_window_lengths`) sees no validation or test item in them.
+  """
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """Per-user item sequences in time order, items remapped to 1..num_items.
@@ -46,18 +58,49 @@ class Dataset:
     num_items: N; item ids are 1..N and 0 is padding.
     user_ids: original user id (as read) of each internal user.
     item_ids: original item id of internal item i at index i-1.
+    num_real_users: users 0..num_real_users-1 are real; the ones after them
+      are train-only (injected fake users, `cat_jax.poisoning`): their whole
+      sequence is training data (no validation/test item), they are never
+      evaluated and not counted in `describe`'s statistics. None (default)
+      = every user is real; it is then set to the number of users. Their
+      sequences are stored as `TrainOnlySequence`.
   """
   sequences: list
   num_items: int
   user_ids: list
   item_ids: list
+  num_real_users: int | None = None
+
+  def __post_init__(self):
+    U = len(self.sequences)
+    n = U if self.num_real_users is None else int(self.num_real_users)
+    if not 0 <= n <= U:
+      raise ValueError(f"num_real_users={self.num_real_users} is not in "
+                       f"0..{U} (the number of sequences).")
+    object.__setattr__(self, "num_real_users", n)
+    if n < U or any(isinstance(x, TrainOnlySequence)
+                    for x in self.sequences):
+      object.__setattr__(self, "sequences", [
+          np.asarray(x) if u < n else np.asarray(x).view(TrainOnlySequence)
+          for u, x in enumerate(self.sequences)])
 
   @property
   def num_users(self) -> int:
+    """All users, train-only ones included."""
     return len(self.sequences)
 
   @property
+  def num_fake_users(self) -> int:
+    """Train-only users (after the real ones)."""
+    return self.num_users - self.num_real_users
+
+  def is_real(self, u: int) -> bool:
+    """Whether user u is a real user (not train-only)."""
+    return 0 <= u < self.num_real_users
+
+  @property
   def num_interactions(self) -> int:
+    """All interactions, train-only users' included."""
     return int(sum(len(s) for s in self.sequences))
 
 
@@ -336,8 +379,11 @@ def split(seq: np.ndarray):
   """Leave-one-out split of one sequence: (train, valid_item, test_item).
 
   valid_item and test_item are 0 for users with fewer than 3 interactions,
-  whose whole sequence is training data.
+  and for a train-only user's sequence (`TrainOnlySequence`): their whole
+  sequence is training data.
   """
+  if isinstance(seq, TrainOnlySequence):
+    return np.asarray(seq), 0, 0
   if len(seq) < 3:
     return seq, 0, 0
   return seq[:-2], int(seq[-2]), int(seq[-1])
@@ -400,15 +446,16 @@ def history_width(ds: Dataset) -> int:
 
 
 def train_user_index(ds: Dataset) -> np.ndarray:
-  """[U_train] int32: users with at least one training target (2+ items)."""
+  """[U_train] int32: users with at least one training target (2+ items),
+  train-only (fake) users included."""
   return np.asarray([u for u, s in enumerate(ds.sequences)
                      if len(split(s)[0]) >= 2], np.int32)
 
 
 def eval_user_index(ds: Dataset) -> np.ndarray:
-  """[E] int32: users with a validation and a test item."""
+  """[E] int32: real users with a validation and a test item."""
   return np.asarray([u for u, s in enumerate(ds.sequences)
-                     if split(s)[1]], np.int32)
+                     if ds.is_real(u) and split(s)[1]], np.int32)
 
 
 def train_rows(ds: Dataset, users: np.ndarray, max_len: int, width: int):
@@ -416,6 +463,7 @@ def train_rows(ds: Dataset, users: np.ndarray, max_len: int, width: int):
 
   The training window of a user is the last max_len+1 training items: inputs
   are its first max_len, targets its last max_len (the SASRec convention).
+  A train-only user's training items are its whole sequence.
 
   Args:
     users: [n] user indices; an index outside 0..U-1 gives an empty row
@@ -481,15 +529,24 @@ def build_arrays(ds: Dataset, max_len: int) -> Arrays:
 
 
 def describe(ds: Dataset) -> dict:
-  """Size statistics, as in the paper's Table 1."""
-  lengths = np.array([len(s) for s in ds.sequences])
-  return {
-      "users": ds.num_users, "items": ds.num_items,
+  """Size statistics, as in the paper's Table 1, of the real users.
+
+  With train-only (fake) users, `fake_users` and `fake_interactions` count
+  them; they are in none of the other numbers.
+  """
+  n = ds.num_real_users
+  lengths = np.array([len(s) for s in ds.sequences[:n]] or [0])
+  out = {
+      "users": n, "items": ds.num_items,
       "interactions": int(lengths.sum()),
       "avg_length": float(lengths.mean()),
       "max_length": int(lengths.max()),
-      "density": float(lengths.sum() / (ds.num_users * ds.num_items)),
+      "density": float(lengths.sum() / max(n * ds.num_items, 1)),
   }
+  if ds.num_fake_users:
+    out["fake_users"] = ds.num_fake_users
+    out["fake_interactions"] = int(sum(len(s) for s in ds.sequences[n:]))
+  return out
 
 
 def resolve_path(path: str, data_dir: str | None = None) -> str:
@@ -503,14 +560,25 @@ def resolve_path(path: str, data_dir: str | None = None) -> str:
 
 
 def load_from_config(cfg) -> Dataset:
-  """Builds the data set named by a `config.data` ConfigDict."""
+  """Builds the data set named by a `config.data` ConfigDict.
+
+  With `cfg.poison.attack` other than 'none', fake users are then appended
+  as train-only users (`cat_jax.poisoning.poison_from_config`; deterministic
+  in `cfg.poison.seed`).
+  """
   if cfg.name == "synthetic":
     s = cfg.synthetic
-    return synthetic_dataset(
+    ds = synthetic_dataset(
         num_users=s.num_users, num_items=s.num_items,
         num_clusters=s.num_clusters, mean_length=s.mean_length,
         p_next=s.p_next, p_stay=s.p_stay, zipf=s.zipf, seed=s.seed)
-  if cfg.name != "file":
+  elif cfg.name != "file":
     raise DataError(
         f"Unknown data.name {cfg.name!r}; use 'synthetic' or 'file'.")
-  return load_dataset(resolve_path(cfg.path), cfg.format, cfg.kcore)
+  else:
+    ds = load_dataset(resolve_path(cfg.path), cfg.format, cfg.kcore)
+  poison = cfg.get("poison")
+  if poison is not None and poison.get("attack", "none") != "none":
+    from cat_jax import poisoning  # noqa: PLC0415 (poisoning imports data)
+    ds = poisoning.poison_from_config(ds, poison)
+  return ds

@@ -124,6 +124,42 @@ def test_build_arrays_windows_history_and_eval():
   assert a.test_targets.tolist() == [7, 4]
 
 
+def test_train_only_users_after_the_real_ones():
+  """Dataset(num_real_users=k): users k.. are training data as a whole."""
+  seqs = [np.array(s, np.int32) for s in
+          ([1, 2, 3, 4, 5], [3, 1, 4], [6, 7, 8, 9], [2, 5])]
+  ds = data.Dataset(sequences=seqs, num_items=9, user_ids=[0, 1, "f0", "f1"],
+                    item_ids=list(range(1, 10)), num_real_users=2)
+  assert (ds.num_users, ds.num_real_users, ds.num_fake_users) == (4, 2, 2)
+  assert [ds.is_real(u) for u in range(4)] == [True, True, False, False]
+  tr, v, te = data.split(ds.sequences[2])
+  assert tr.tolist() == [6, 7, 8, 9] and (v, te) == (0, 0)
+  assert type(tr) is np.ndarray  # only the stored sequence is marked
+  a = data.build_arrays(ds, max_len=3)
+  assert a.eval_users.tolist() == [0, 1]
+  assert a.train_users.tolist() == [0, 2, 3]  # user 1 has one training item
+  assert a.train_inputs[2].tolist() == [6, 7, 8]
+  assert a.train_targets[2].tolist() == [7, 8, 9]
+  assert a.history[2].tolist() == [6, 7, 8, 9]
+  assert a.train_inputs[3].tolist() == [0, 0, 2]
+  # The real users' tables are those of the real users alone.
+  real = data.Dataset(sequences=seqs[:2], num_items=9, user_ids=[0, 1],
+                      item_ids=list(range(1, 10)))
+  b = data.build_arrays(real, max_len=3)
+  for name in ("eval_users", "valid_inputs", "valid_targets", "test_inputs",
+               "test_targets"):
+    assert getattr(a, name).tolist() == getattr(b, name).tolist()
+  assert data.describe(ds) == {**data.describe(real), "fake_users": 2,
+                               "fake_interactions": 6}
+  assert real.num_real_users == 2 and "fake_users" not in data.describe(real)
+  # Whole sequence = training items: a train-only user with every item is
+  # refused like a real one.
+  with pytest.raises(data.DataError, match="every item"):
+    data.build_arrays(data.Dataset(
+        sequences=[np.array([2, 1, 3]), np.array([1, 2, 3])], num_items=3,
+        user_ids=[0, 1], item_ids=[1, 2, 3], num_real_users=1), 2)
+
+
 def test_user_with_every_item_is_refused():
   ds = data.Dataset(sequences=[np.array([1, 2, 3, 1, 2])], num_items=3,
                     user_ids=[0], item_ids=[1, 2, 3])
