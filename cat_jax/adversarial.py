@@ -59,16 +59,17 @@ need a forward pass over the whole data set at every step: the batch mean is
 the mini-batch estimate of it (padding, and the fill rows of the last batch,
 are left out). The factor is held constant (`stop_gradient`), as the
 perturbation itself is. `magnitude_factors` computes it.
-  Level 2: W_bt, E_pos,bt and E_neg,bt are each moved by eps * c_bt (the item
-    perturbations too: they belong to the same loss term of the same user
-    state, and in APR/PamaCF one magnitude bounds the perturbation of a
-    user's term; scaling W alone would mix two sizes in one term).
-  Level 1: sequence b's size (eps in 'equal', the s of `budgeted_perturbation`)
-    becomes eps * c_b with c_b the mean of c_bt over its real positions (the
-    user's states over the window, the same factors and centering as level 2,
-    so the two levels do not drift apart; the last position's W, the one used
-    for ranking, is one of them). The random start (xi) is not scaled: it only
-    picks where the gradient is taken.
+  Level 2: W_bt, E_pos,bt and E_neg,bt are each moved by eps * c_bt. The
+    item perturbations too (a choice: PamaCF names the user's magnitude;
+    the positive and negative items at (b, t) enter the same loss term of
+    the same user state, as in APR, and scaling W alone would mix two sizes
+    in one term).
+  Level 1: sequence b's size (the s of `budgeted_perturbation`, either
+    budget) becomes eps * c_b with c_b the mean of c_bt over its real
+    positions: the user's states over the window, with the same factors and
+    centering as level 2, so that the two levels do not drift apart (the
+    last position's W, the one used for ranking, is one of them). The random
+    start (xi) is not scaled: it only picks where the gradient is taken.
 With equal norms everywhere every factor is sigmoid(0) = 1/2, so 'pamacf'
 spends on average about half of 'uniform' at the same eps.
 """
