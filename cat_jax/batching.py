@@ -202,6 +202,8 @@ class TrainPlan:
     slot_real: [S * B] False for the fill of a bucket's last batch.
     batch_bucket: [S] bucket of each batch.
     batch_size: B.
+    mean_length: mean real items per training window (= target positions
+      per user), for the loss normalization of bucketed batches.
   """
   lengths: tuple
   users: np.ndarray
@@ -210,6 +212,7 @@ class TrainPlan:
   slot_real: np.ndarray
   batch_bucket: np.ndarray
   batch_size: int
+  mean_length: float = 0.0
 
   @property
   def num_steps(self) -> int:
@@ -254,7 +257,8 @@ def train_plan(users: np.ndarray, lengths: np.ndarray,
                    bucket=b_of, slot_pos=np.concatenate(slot_pos),
                    slot_real=np.concatenate(slot_real),
                    batch_bucket=np.concatenate(batch_bucket),
-                   batch_size=batch_size)
+                   batch_size=batch_size,
+                   mean_length=float(np.mean(lengths)))
 
 
 def epoch_order(plan: TrainPlan, perm_key: jax.Array, order_key: jax.Array):

@@ -199,6 +199,12 @@ def phase_signature(config, phase: str) -> dict:
   started from; the epoch it started at is checked separately).
   """
   d = _plain(config)
+  # Knobs added later are left out at their 'off' value, so that workdirs
+  # written before them keep their signatures.
+  if d["data"].get("poison", {}).get("attack", "none") == "none":
+    d["data"].pop("poison", None)
+  if d["adv"].get("magnitude", "uniform") == "uniform":
+    d["adv"].pop("magnitude", None)
   pre = {"seed": d["seed"], "data": d["data"], "model": d["model"],
          "train": {k: v for k, v in d["train"].items()
                    if k not in _FREE_TRAIN},

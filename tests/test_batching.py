@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cat_jax import adversarial, batching, data, evaluate, models, train
+from cat_jax import adversarial, batching, data, evaluate, losses, models, train
 
 
 def _cost(lengths, bounds, batch_size):
@@ -170,3 +170,38 @@ def test_bucketed_epoch_compiles_once_with_one_branch_per_bucket(make_config):
   assert len(traced) == len(plan.lengths)  # each branch traced once
   assert int(state.step) == 3 * steps
   chex.assert_tree_all_finite(terms)
+
+
+@pytest.mark.parametrize("num_buckets", [1, 3])
+def test_bucketed_steps_weigh_every_position_alike(make_config, num_buckets):
+  """With buckets, a step's loss is a sum over its positions divided by what
+  an average batch holds, so one epoch of plain SGD on a loss whose
+  gradient is 1 per position moves a parameter by users / B in total (a
+  per-batch mean would move it by 1 per step instead)."""
+  import optax
+  config = make_config()
+  arrays = data.build_arrays(data.load_from_config(config.data), 12)
+  dd = train.device_data(arrays)
+  plan = batching.plan_from_table(arrays.train_inputs, arrays.train_users,
+                                  64, num_buckets=num_buckets)
+  assert len(plan.lengths) == num_buckets
+
+  def objective(params, batch, rng):
+    del rng
+    loss = losses.weighted_mean(params["c"] * jnp.ones_like(batch["weights"]),
+                                batch["weights"])
+    return loss, {"loss": loss}
+
+  epoch, steps = train.make_train_epoch(objective, optax.sgd(1.0),
+                                        arrays.num_items, plan)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32),
+                           params={"c": jnp.zeros(())},
+                           opt_state=optax.sgd(1.0).init({"c": jnp.zeros(())}))
+  pert = (dd["train_inputs"] > 0).astype(jnp.float32)
+  state, _ = epoch(state, dd, pert, jax.random.PRNGKey(0),
+                   jax.random.PRNGKey(0))
+  moved = -float(state.params["c"])
+  if num_buckets == 1:
+    assert moved == pytest.approx(steps)
+  else:
+    assert moved == pytest.approx(len(plan.users) / 64, rel=1e-5)
