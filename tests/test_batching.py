@@ -87,8 +87,8 @@ def test_cut_batch_gives_the_same_loss_and_gradient(make_config):
             "weights": (tg > 0).astype(np.float32),
             "pert": (tg > 0).astype(np.float32)}
 
-  g = jax.grad(lambda p, b: objective(p, b, jax.random.PRNGKey(1))[0])
-  loss = lambda b: objective(params, b, jax.random.PRNGKey(1))[0]
+  g = jax.jit(jax.grad(lambda p, b: objective(p, b, jax.random.PRNGKey(1))[0]))
+  loss = jax.jit(lambda b: objective(params, b, jax.random.PRNGKey(1))[0])
   np.testing.assert_allclose(loss(batch(6)), loss(batch(12)), rtol=1e-6)
   chex.assert_trees_all_close(g(params, batch(6)), g(params, batch(12)),
                               rtol=1e-4, atol=1e-7)

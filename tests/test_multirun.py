@@ -69,7 +69,7 @@ def test_train_runs_match_train_and_evaluate(make_config, tmp_path):
   """Seeds trained in one vectorized program == each seed trained alone."""
   config = make_config(**{"train.epochs": 3, "train.eval_every": 1,
                           "adv.epochs": 2, "adv.method": "cas",
-                          "adv.eps": 0.5})
+                          "adv.eps": 0.5, "model.name": "gru4rec"})
   seeds = [0, 1]
   vec = str(tmp_path / "vec")
   runs = common.run_variants(config, vec, seeds, {"cas": {}}, vectorize=True)
