@@ -301,7 +301,6 @@ def check_workdir(config, workdir: str, pre_dir: str, reuse: bool,
   done = latest is not None and (latest >= config.train.epochs or stopped)
   if reuse:
     done = True  # a reused phase 1 is taken as it is
-  start = phase1_end(pdir, config) if done else None
   method = config.adv.method
   for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
     sdir = os.path.join(workdir, name)
@@ -310,6 +309,9 @@ def check_workdir(config, workdir: str, pre_dir: str, reuse: bool,
       continue
     problem = None
     began = ssig.get("start_epoch")
+    # Each phase 2 is checked against the start its own adv.init implies.
+    init = ssig.get("adv", {}).get("init", "last")
+    start = phase1_end(pdir, init) if done else None
     if pdir in delete:
       problem = "was trained from a phase 1 that is now retrained"
     elif not done:
@@ -318,7 +320,7 @@ def check_workdir(config, workdir: str, pre_dir: str, reuse: bool,
                  f"train.epochs={config.train.epochs}")
     elif began != start:
       problem = (f"was trained from phase-1 epoch {began}, but phase 1 now "
-                 f"ends at epoch {start} (adv.init={config.adv.init!r})")
+                 f"ends at epoch {start} (adv.init={init!r})")
     elif name == method and config.adv.epochs > 0:
       mine = phase_signature(config, method)
       old = {k: v for k, v in ssig.items() if k != "start_epoch"}
@@ -340,9 +342,9 @@ def check_workdir(config, workdir: str, pre_dir: str, reuse: bool,
   return PhaseCheck(delete=delete, pretrain_done=done)
 
 
-def phase1_end(pdir: str, config) -> int | None:
-  """The phase-1 epoch that phase 2 starts from (adv.init)."""
-  if config.adv.init == "best":
+def phase1_end(pdir: str, init: str) -> int | None:
+  """The phase-1 epoch that a phase 2 with adv.init=`init` starts from."""
+  if init == "best":
     d = read_json(selection_path(pdir))
     return None if d is None else d["epoch"]
   return latest_step(pdir)

@@ -453,7 +453,7 @@ def _train_phases(config, run_configs, workdirs, pre_dirs, seeds, stacked,
       if not os.path.exists(os.path.join(mdir, "signature.json")):
         checkpoints.write_signature(
             c, mdir, method, checkpoints.phase1_end(
-                os.path.join(pre, checkpoints.PRETRAIN), c))
+                os.path.join(pre, checkpoints.PRETRAIN), c.adv.init))
     state, _, res = phase(state, method, config.adv.epochs,
                           adversarial.make_objective(model,
                                                      adv_config(config)),
