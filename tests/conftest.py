@@ -1,9 +1,24 @@
 """Shared fixtures: a tiny config that trains in seconds on a CPU."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Fake devices for the sharding tests; must be set before JAX starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# Many tests compile the same small programs (each train_and_evaluate builds
+# fresh closures, and the command-line tests start new processes), and
+# compiling dominates the suite on a 2-core CPU. A persistent compilation
+# cache, empty at the start of every session and shared with subprocesses
+# through the environment, cut tests/test_multirun.py from 233 s to 157 s.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="cat_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import pytest  # noqa: E402
 
