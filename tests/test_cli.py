@@ -55,6 +55,19 @@ def test_show_config_lists_every_field_with_its_comment():
   assert "--show_config" in run_cli("--help").stdout
 
 
+def test_paper_configs_default_to_the_validated_eps():
+  def eps(model, data, arg=None):
+    return config_lib.paper_config(model, data, arg).adv.eps
+  for (model, data), table in config_lib.TUNED_EPS.items():
+    for method, value in table.items():
+      assert eps(model, data, f"method={method}") == value
+    # The ablations differ from cas in the cascade only.
+    assert eps(model, data, "method=cas_cross") == table["cas"]
+    assert eps(model, data, "method=cas,eps=10") == 10.0  # the paper's
+  assert eps("gru4rec", "ml1m") == config_lib.TUNED_EPS[("gru4rec",
+                                                          "video")]["cas"]
+
+
 def test_summary_says_when_phase_2_ends_below_phase_1(make_config):
   config = make_config(**{"adv.method": "cas", "adv.eps": 10.0})
   res = {"pretrain": {"selected_epoch": 20, "last_epoch": 20,
