@@ -13,7 +13,8 @@
 #   grid_batch         global and cas at scope 'batch', eps 1, 3, 10, 30
 #                      (both grids: METHODS=global,cas runs a subset, so
 #                      that two cores can share a grid once seed 0's
-#                      pretraining and its `none` run exist)
+#                      pretraining and its `none` run exist; EPS=0.5,1
+#                      extends a grid whose best value is at its edge)
 #   table EPS [SEEDS]  Table 2: none, linear, seq, global, cas (+ cascade
 #                      ablation) at EPS ('linear=0.1,seq=0.1,...'), phase 2
 #                      up to 100 epochs, early stop after 4 evaluations (20
@@ -45,11 +46,11 @@ case $stage in
     done ;;
   grid)
     python -m cat_jax.experiments.eps_sweep --config=$cfg --workdir=$w \
-        --seeds=0 --method=${METHODS:-linear,seq,global,cas} --eps=$grid \
+        --seeds=0 --method=${METHODS:-linear,seq,global,cas} --eps=${EPS:-$grid} \
         --config.adv.epochs=10 --config.adv.eval_every=2 "${base[@]}" ;;
   grid_batch)
     python -m cat_jax.experiments.eps_sweep --config=$cfg --workdir=$w \
-        --seeds=0 --method=${METHODS:-global,cas} --eps=1,3,10,30 \
+        --seeds=0 --method=${METHODS:-global,cas} --eps=${EPS:-1,3,10,30} \
         --config.adv.scope=batch --config.adv.epochs=10 \
         --config.adv.eval_every=2 "${base[@]}" ;;
   table)
