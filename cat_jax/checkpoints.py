@@ -211,8 +211,23 @@ def phase_signature(config, phase: str) -> dict:
          "select": d["eval"]["select"]}
   if phase == PRETRAIN:
     return pre
-  return {"adv": {k: v for k, v in d["adv"].items() if k not in _FREE_ADV},
-          "from": pre}
+  return _comparable(
+      {"adv": {k: v for k, v in d["adv"].items() if k not in _FREE_ADV},
+       "from": pre})
+
+
+# What `none` (phase 1's loss, trained on) reads of the adv section; its
+# perturbation knobs change nothing, so they must not refuse a workdir.
+_NONE_ADV = ("method", "init")
+
+
+def _comparable(sig: dict) -> dict:
+  """A phase-2 signature without the fields its method ignores (also for
+  signatures written before this rule)."""
+  adv = sig.get("adv", {})
+  if adv.get("method") != "none":
+    return sig
+  return {**sig, "adv": {k: v for k, v in adv.items() if k in _NONE_ADV}}
 
 
 def _diff(old, new, prefix="") -> list:
@@ -323,7 +338,8 @@ def check_workdir(config, workdir: str, pre_dir: str, reuse: bool,
                  f"ends at epoch {start} (adv.init={init!r})")
     elif name == method and config.adv.epochs > 0:
       mine = phase_signature(config, method)
-      old = {k: v for k, v in ssig.items() if k != "start_epoch"}
+      old = _comparable({k: v for k, v in ssig.items()
+                         if k != "start_epoch"})
       if old != mine:
         problem = (f"was trained with other settings "
                    f"({_readable(_diff(old, mine))})")

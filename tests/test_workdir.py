@@ -115,3 +115,25 @@ def test_few_users_warn_with_the_count(make_config, tmp_path, caplog):
     train.train_and_evaluate(config, str(tmp_path / "w"))
   assert any("only 12 users have a validation and a test item" in r.message
              for r in caplog.records)
+
+
+def test_none_ignores_perturbation_knobs(make_config, tmp_path):
+  """`none` trains phase 1's loss on: a changed eps (e.g. another default)
+  must not refuse its workdir, also one written before this rule."""
+  sig = lambda **kw: checkpoints.phase_signature(
+      make_config(**{"adv.method": "none", **kw}), "none")
+  assert sig(**{"adv.eps": 10.0}) == sig(**{"adv.eps": 0.1, "adv.xi": 1.0})
+  assert sig() != sig(**{"adv.init": "best"})
+  cfg = {"train.epochs": 2, "adv.epochs": 1, "adv.method": "none"}
+  first = train.train_and_evaluate(make_config(**cfg, **{"adv.eps": 10.0}),
+                                   str(tmp_path))
+  # As written before: the full adv section in signature.json.
+  path = tmp_path / "none" / "signature.json"
+  old = json.load(open(path))
+  old["adv"] = {**old["adv"], "eps": 10.0, "lambda1": 1.0}
+  json.dump(old, open(path, "w"))
+  ckpt = tree_digest(tmp_path / "none" / "latest")
+  again = train.train_and_evaluate(make_config(**cfg, **{"adv.eps": 0.1}),
+                                   str(tmp_path))
+  assert again["none"] == first["none"]
+  assert tree_digest(tmp_path / "none" / "latest") == ckpt
