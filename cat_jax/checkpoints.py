@@ -99,7 +99,9 @@ def write_json(path: str, content, indent: int | None = 1):
   if not is_chief():
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
+  # Per-process name: two runners sharing a seed folder (one per core) both
+  # rewrite its results.json.
+  tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(content, f, indent=indent)
   os.replace(tmp, path)
