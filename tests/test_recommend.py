@@ -323,3 +323,7 @@ def test_bench_topk_on_a_tiny_shape():
                            item_chunk=30)
   assert r["name"] == "topk_gru4rec" and r["item_chunk"] == 30
   assert r["seconds"] > 0 and r["users_per_s"] > 0 and r["users"] == 300
+  assert r["ranked_users"] == 300
+  (r,) = bench.bench_shape("tiny", ["topk"], repeats=1, model_name="gru4rec",
+                           item_chunk=30, topk_users=50)
+  assert r["ranked_users"] == 50 and r["users"] == 300
