@@ -22,6 +22,12 @@ the clean input for all K positions:
             nearest to the original, min ||E_j - e||. One rule for every
             model, no step size. A position where no allowed item lies in
             the gradient direction (or g = 0) is left alone.
+  cosine    as `minimal`, but "near" in angle: among the same allowed j in
+            the gradient direction, the one of largest cosine similarity
+            <E_j, e> / (||E_j|| ||e||) with the original. L2 nearness
+            favours items of small norm (rarely trained items sit near the
+            origin, close to everything), which carry little signal; the
+            angle ignores the norm.
   step      the allowed j nearest to a gradient step, minimizing
             ||E_j - (e + alpha * g / ||g||)|| (alpha: by default the median
             nearest-neighbour distance of the item table). This was the
@@ -45,7 +51,7 @@ import numpy as np
 from cat_jax import adversarial, batching, evaluate
 
 POSITIONS = ("first", "middle", "last")
-MODES = ("minimal", "step", "random")
+MODES = ("minimal", "cosine", "step", "random")
 # Older names of the modes, still accepted (RESULTS.md's commands use them).
 MODE_ALIASES = {"gradient": "step"}
 
@@ -195,14 +201,28 @@ def minimal_cost(table: jax.Array, points: jax.Array,
   return jnp.where(along > 0, squared_distances(table, points), jnp.inf)
 
 
+def cosine_cost(table: jax.Array, points: jax.Array,
+                grads: jax.Array) -> jax.Array:
+  """[..., N+1] cost of the `cosine` rule: -cos(E_j, e) where
+  <E_j - e, g> > 0, +inf elsewhere. Shapes as `minimal_cost`."""
+  along = jnp.isfinite(minimal_cost(table, points, grads))
+  dots = jnp.einsum("...d,nd->...n", points, table,
+                    precision=jax.lax.Precision.HIGHEST)
+  norms = (jnp.linalg.norm(points, axis=-1, keepdims=True)
+           * jnp.linalg.norm(table, axis=-1))
+  return jnp.where(along, -dots / jnp.maximum(norms, 1e-30), jnp.inf)
+
+
 def minimal_replacements(model, params, inputs: jax.Array,
                          targets: jax.Array, positions: jax.Array,
-                         valid: jax.Array, allowed: jax.Array) -> jax.Array:
+                         valid: jax.Array, allowed: jax.Array,
+                         cost_fn=None) -> jax.Array:
   """[B, K] nearest allowed items in the gradient direction (0 = none).
 
   Mode `minimal` (Sec. 5.6; module docstring): position k of row b takes
   the allowed j with <E_j - e, g> > 0 nearest to e, distinct within a row
   (`pick_distinct`), g from `target_gradient` at the clean input.
+  cost_fn: `minimal_cost` (default, L2 nearness) or `cosine_cost`.
 
   Args:
     model, params: the attacked model.
@@ -214,7 +234,8 @@ def minimal_replacements(model, params, inputs: jax.Array,
   g = target_gradient(model, params, inputs, targets)[rows, positions]
   table = model.items(params)
   points = table[inputs[rows, positions]]
-  return pick_distinct(minimal_cost(table, points, g), allowed, valid)
+  cost_fn = cost_fn or minimal_cost
+  return pick_distinct(cost_fn(table, points, g), allowed, valid)
 
 
 def step_replacements(model, params, inputs: jax.Array,
@@ -260,14 +281,15 @@ def attack_batch(model, params, inputs: jax.Array, targets: jax.Array,
     inputs: [B, T]; targets, extra: [B]; history_rows: [B, H].
     positions, valid: [B, K] from `attack_positions`.
     alpha: gradient step (mode 'step' only); rng: key (mode 'random' only).
-    mode: 'minimal', 'step' or 'random' (`MODES`, or an alias).
+    mode: 'minimal', 'cosine', 'step' or 'random' (`MODES`, or an alias).
   """
   mode = resolve_mode(mode)
   allowed = allowed_replacements(inputs, targets, history_rows, extra,
                                  num_items)
-  if mode == "minimal":
-    items = minimal_replacements(model, params, inputs, targets, positions,
-                                 valid, allowed)
+  if mode in ("minimal", "cosine"):
+    items = minimal_replacements(
+        model, params, inputs, targets, positions, valid, allowed,
+        minimal_cost if mode == "minimal" else cosine_cost)
   elif mode == "step":
     items = step_replacements(model, params, inputs, targets, positions,
                               valid, allowed, alpha)
@@ -332,6 +354,33 @@ def median_nn_distance(table: jax.Array, block_size: int = 1024) -> jax.Array:
   return jnp.median(jax.lax.map(one, rows).reshape(-1)[:n])
 
 
+def item_counts(train_inputs, num_items: int) -> np.ndarray:
+  """[N+1] int: how often each item is an input of the training windows."""
+  x = np.asarray(train_inputs).reshape(-1)
+  return np.bincount(x[x > 0], minlength=num_items + 1)
+
+
+def replacement_stats(norms: np.ndarray, counts: np.ndarray,
+                      originals: np.ndarray, replacements: np.ndarray) -> dict:
+  """What the replacements are like, against the items they replace.
+
+  Medians over the replaced slots of ||E_new|| / ||E_old|| and of the
+  training-input counts (`item_counts`) of the old and the new items: an
+  attack that swaps items for rarely trained ones of small norm removes
+  information rather than substituting a similar item. NaN when nothing was
+  replaced.
+  """
+  if originals.size == 0:
+    nan = float("nan")
+    return {"norm_ratio": nan, "count_original": nan,
+            "count_replacement": nan}
+  return {"norm_ratio": float(np.median(norms[replacements]
+                                        / np.maximum(norms[originals],
+                                                     1e-30))),
+          "count_original": float(np.median(counts[originals])),
+          "count_replacement": float(np.median(counts[replacements]))}
+
+
 def relative_drop(clean: float, attacked: float) -> float:
   """(clean - attacked) / clean; NaN when the clean metric is 0."""
   return (clean - attacked) / clean if clean > 0 else float("nan")
@@ -369,7 +418,8 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
     {"mode" (as resolved), "alpha" (float for mode 'step', else None),
      "split", "clean": evaluate.summarize dict,
      "attacks": {name: summarize dict + "<metric>_drop" for ndcg@K, hr@K and
-     mrr, + "replaced" (mean items replaced per user)}}, with names
+     mrr, + "replaced" (mean items replaced per user) + the medians of
+     `replacement_stats`}}, with names
      'first', 'middle', 'last' and 'last_<K>'. The exclusions are those of
     clean evaluation; the replacement items are not added to them.
   """
@@ -396,6 +446,8 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
   runs = [(w, w, 1) for w in positions] + [(f"last_{k}", "last", k)
                                           for k in last_k]
   metrics = [m for m in clean if m != "users"]
+  norms = np.linalg.norm(np.asarray(model.items(params), np.float64), axis=-1)
+  counts = item_counts(data["train_inputs"], num_items)
   out = {}
   T = inputs.shape[1]
   groups = [(T, slice(None))] if plan is None else list(
@@ -414,7 +466,10 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
       attacked = attacked.at[rows, T - t:].set(sub)
     s = summary(attacked)
     s.update({f"{m}_drop": relative_drop(clean[m], s[m]) for m in metrics})
-    s["replaced"] = float(np.mean(np.sum(np.asarray(attacked != inputs), 1)))
+    changed = np.asarray(attacked != inputs)
+    s["replaced"] = float(np.mean(np.sum(changed, 1)))
+    s.update(replacement_stats(norms, counts, np.asarray(inputs)[changed],
+                               np.asarray(attacked)[changed]))
     out[name] = s
   return {"mode": mode, "alpha": None if alpha is None else float(alpha),
           "split": split,

@@ -177,15 +177,24 @@ def test_tiny_alpha_picks_the_originals_nearest_allowed_neighbour():
       assert out[b, p] == min(dist, key=dist.get)
 
 
-def greedy_minimal(table, origs, grads, valid, forbidden):
+def l2(a, b):
+  return np.sum((a - b) ** 2)
+
+
+def negative_cosine(a, b):
+  return -(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
+
+
+def greedy_minimal(table, origs, grads, valid, forbidden, distance=l2):
   """Brute force of the `minimal` rule for one row: positions pick latest
-  first, among the allowed j with <E_j - e, g> > 0 the nearest to e."""
+  first, among the allowed j with <E_j - e, g> > 0 the nearest to e
+  (`distance`: l2 for `minimal`, negative_cosine for `cosine`)."""
   picks, taken = [0] * len(origs), set(forbidden)
   for k in reversed(range(len(origs))):
     if not valid[k]:
       continue
     e, g = table[origs[k]], grads[k]
-    dist = {j: np.sum((table[j] - e) ** 2) for j in range(1, len(table))
+    dist = {j: distance(table[j], e) for j in range(1, len(table))
             if j not in taken and (table[j] - e) @ g > 0}
     if dist:
       picks[k] = min(dist, key=dist.get)
@@ -193,10 +202,11 @@ def greedy_minimal(table, origs, grads, valid, forbidden):
   return picks
 
 
-@pytest.mark.parametrize("where,k", [("first", 1), ("middle", 1),
-                                     ("last", 1), ("last", 3)])
-def test_minimal_attack_matches_brute_force(where, k):
-  model, params, attack = jitted_attack("minimal", 3)
+@pytest.mark.parametrize("mode,where,k", [
+    ("minimal", "first", 1), ("minimal", "middle", 1), ("minimal", "last", 1),
+    ("minimal", "last", 3), ("cosine", "middle", 1), ("cosine", "last", 3)])
+def test_minimal_attack_matches_brute_force(mode, where, k):
+  model, params, attack = jitted_attack(mode, 3)
   inputs, targets, history, extra = toy_users(seed=7)
   pos, valid = robustness.attack_positions(inputs, where, k)
   out = np.asarray(attack(params, inputs, targets, jnp.arange(len(inputs)),
@@ -208,8 +218,9 @@ def test_minimal_attack_matches_brute_force(where, k):
   pos, valid = np.asarray(pos), np.asarray(valid)
   for b in range(len(inputs)):
     forbidden = forbidden_set(inputs[b], targets[b], history[b], extra[b])
-    picks = greedy_minimal(table, inputs[b, pos[b]], grads[b, pos[b]],
-                           valid[b], forbidden)
+    picks = greedy_minimal(
+        table, inputs[b, pos[b]], grads[b, pos[b]], valid[b], forbidden,
+        l2 if mode == "minimal" else negative_cosine)
     expected = inputs[b].copy()
     for p, j in zip(pos[b], picks):
       if j:
@@ -451,3 +462,42 @@ def test_bucketed_attack_equals_the_full_window_attack(trained):
   part = robustness.evaluate_robustness(model, params, data, num_items,
                                         plan=plan, **kw)
   assert part == full
+
+
+def test_cosine_mode_is_nearness_in_angle_not_distance():
+  table = np.array([
+      [0.0, 0.0],    # 0 padding
+      [1.0, 1.0],    # 1 the window's item e; the gradient points along +x
+      [-1.0, 0.0],   # 2 the target
+      [1.3, 1.0],    # 3 nearest to e in L2, 0.99 cosine
+      [3.0, 2.9],    # 4 far, but 0.9999 cosine
+      [0.5, 0.5]])   # 5 cosine 1, but E_5 - e points against the gradient
+  n = len(table) - 1
+
+  def attack(mode):
+    windows = jnp.asarray([[0, 0, 1]], jnp.int32)
+    pos, valid = robustness.attack_positions(windows, "last", 1)
+    return np.asarray(robustness.attack_batch(
+        SumModel(table), None, windows, jnp.asarray([2], jnp.int32),
+        jnp.full((1, 1), n + 1, jnp.int32), jnp.zeros(1, jnp.int32), pos,
+        valid, 0.0, jax.random.PRNGKey(0), n, mode=mode))[0]
+
+  np.testing.assert_array_equal(attack("minimal"), [0, 0, 3])
+  np.testing.assert_array_equal(attack("cosine"), [0, 0, 4])
+
+
+def test_replacement_stats_against_a_loop():
+  rng = np.random.default_rng(3)
+  train_inputs = rng.integers(0, 8, size=(6, 5))
+  counts = robustness.item_counts(train_inputs, 9)
+  for j in range(10):
+    assert counts[j] == (0 if j == 0 else int(np.sum(train_inputs == j)))
+  norms = rng.uniform(0.5, 2.0, size=10)
+  old, new = np.array([1, 2, 2, 5]), np.array([3, 9, 4, 6])
+  s = robustness.replacement_stats(norms, counts, old, new)
+  assert s["norm_ratio"] == pytest.approx(
+      np.median([norms[b] / norms[a] for a, b in zip(old, new)]))
+  assert s["count_original"] == np.median([counts[a] for a in old])
+  assert s["count_replacement"] == np.median([counts[b] for b in new])
+  assert np.isnan(robustness.replacement_stats(
+      norms, counts, old[:0], new[:0])["norm_ratio"])

@@ -11,7 +11,8 @@ when matplotlib is installed (`pip install -e ".[plots]"`), a PNG figure.
 
 --mode (see `cat_jax.robustness`): `minimal` (default, Sec. 5.6: the nearest
 allowed item whose displacement from the original points along the gradient
-of the target's ranking loss), `step` (the item nearest to a gradient step of
+of the target's ranking loss), `cosine` (the same, nearest in angle rather
+than L2 distance), `step` (the item nearest to a gradient step of
 size --alpha; called `gradient` before, which is still accepted) or `random`.
 """
 
@@ -93,6 +94,11 @@ def main(argv):
     line = " ".join(f"{n}={a['ndcg@10_drop']:+.3f}"
                     for n, a in r["attacks"].items())
     print(f"{phase}: clean ndcg@10={r['clean']['ndcg@10']:.4f} drops: {line}")
+    last = r["attacks"].get("last")
+    if last:
+      print(f"  last item: replacement/original norm {last['norm_ratio']:.2f}"
+            f", training count {last['count_replacement']:.0f} vs "
+            f"{last['count_original']:.0f} (medians)")
 
 
 def define_flags():
@@ -105,7 +111,8 @@ def define_flags():
   flags.DEFINE_enum(
       "mode", "minimal", robustness.MODES + tuple(robustness.MODE_ALIASES),
       "Replacement rule: 'minimal' (Sec. 5.6: nearest allowed item in the "
-      "direction of the target-loss gradient), 'step' (nearest item to a "
+      "direction of the target-loss gradient), 'cosine' (the same, nearest "
+      "in angle), 'step' (nearest item to a "
       "gradient step of --alpha; 'gradient' is its old name) or 'random'.")
   flags.DEFINE_float("alpha", None, "Gradient step of --mode=step (default: "
                      "median nearest-neighbour distance of the item table).")
