@@ -17,7 +17,7 @@ test), compilation included, on synthetic Markov data of the shape.
 `topk` times `recommend.make_top_k` (top-20, history excluded) for every
 user of the shape, from their whole sequences (`--item_chunk` as for eval),
 or for its first `--topk_users` users (users/s is the throughput either
-way; 1M users x 1M items is about an hour of one CPU core).
+way; 1M users x 1M items took about 2 hours of one CPU core).
 
 Length buckets: `--buckets=1,4` measures every epoch and evaluation
 unbucketed (1) and with 4 length buckets chosen from the data (names end

@@ -195,17 +195,24 @@ def minimal_cost(table: jax.Array, points: jax.Array,
     points: [..., d] original embeddings e.
     grads: [..., d] gradients g at e.
   """
+  return jnp.where(along_gradient(table, points, grads),
+                   squared_distances(table, points), jnp.inf)
+
+
+def along_gradient(table: jax.Array, points: jax.Array,
+                   grads: jax.Array) -> jax.Array:
+  """[..., N+1] bool: <E_j - e, g> > 0 (shapes as `minimal_cost`)."""
   along = (jnp.einsum("...d,nd->...n", grads, table,
                       precision=jax.lax.Precision.HIGHEST)
            - jnp.sum(grads * points, axis=-1, keepdims=True))
-  return jnp.where(along > 0, squared_distances(table, points), jnp.inf)
+  return along > 0
 
 
 def cosine_cost(table: jax.Array, points: jax.Array,
                 grads: jax.Array) -> jax.Array:
   """[..., N+1] cost of the `cosine` rule: -cos(E_j, e) where
   <E_j - e, g> > 0, +inf elsewhere. Shapes as `minimal_cost`."""
-  along = jnp.isfinite(minimal_cost(table, points, grads))
+  along = along_gradient(table, points, grads)
   dots = jnp.einsum("...d,nd->...n", points, table,
                     precision=jax.lax.Precision.HIGHEST)
   norms = (jnp.linalg.norm(points, axis=-1, keepdims=True)
@@ -216,7 +223,7 @@ def cosine_cost(table: jax.Array, points: jax.Array,
 def minimal_replacements(model, params, inputs: jax.Array,
                          targets: jax.Array, positions: jax.Array,
                          valid: jax.Array, allowed: jax.Array,
-                         cost_fn=None) -> jax.Array:
+                         cost_fn=minimal_cost) -> jax.Array:
   """[B, K] nearest allowed items in the gradient direction (0 = none).
 
   Mode `minimal` (Sec. 5.6; module docstring): position k of row b takes
@@ -234,7 +241,6 @@ def minimal_replacements(model, params, inputs: jax.Array,
   g = target_gradient(model, params, inputs, targets)[rows, positions]
   table = model.items(params)
   points = table[inputs[rows, positions]]
-  cost_fn = cost_fn or minimal_cost
   return pick_distinct(cost_fn(table, points, g), allowed, valid)
 
 
