@@ -32,6 +32,12 @@ the clean input for all K positions:
             ||E_j - (e + alpha * g / ||g||)|| (alpha: by default the median
             nearest-neighbour distance of the item table). This was the
             attack before issue 12, then called 'gradient' (still accepted).
+  snap      as `step`, but the original item competes: a position keeps its
+            item when the step point is nearer to it than to every allowed
+            item, so a small alpha changes few items ("replaced" reports
+            how many). A reading of Sec. 5.6 in which "pairing with the
+            nearest items in the gradient direction" may return the item
+            itself; used to ask which step size gives the paper's Fig. 5.
   random    uniform over the allowed items (from an explicit PRNG key).
 An item is allowed unless it is padding, in the window (so not the original),
 the target, in the user's training history or the extra excluded item (the
@@ -51,7 +57,7 @@ import numpy as np
 from cat_jax import adversarial, batching, evaluate
 
 POSITIONS = ("first", "middle", "last")
-MODES = ("minimal", "cosine", "step", "random")
+MODES = ("minimal", "cosine", "step", "snap", "random")
 # Older names of the modes, still accepted (RESULTS.md's commands use them).
 MODE_ALIASES = {"gradient": "step"}
 
@@ -148,7 +154,8 @@ def squared_distances(table: jax.Array, points: jax.Array) -> jax.Array:
 
 
 def pick_distinct(cost: jax.Array, allowed: jax.Array,
-                  valid: jax.Array) -> jax.Array:
+                  valid: jax.Array, keep_cost: jax.Array | None = None
+                  ) -> jax.Array:
   """Lowest-cost allowed item per position, distinct within a row.
 
   Args:
@@ -156,6 +163,9 @@ def pick_distinct(cost: jax.Array, allowed: jax.Array,
       means that j may not go to that position.
     allowed: [B, N+1] bool.
     valid: [B, K] bool; invalid positions pick nothing.
+    keep_cost: optional [B, K] cost of keeping the original item; a
+      position whose best allowed item does not cost strictly less picks
+      nothing (and leaves that item to the other positions).
 
   Returns:
     [B, K] int32 items, 0 where nothing is picked (invalid position, or no
@@ -169,6 +179,8 @@ def pick_distinct(cost: jax.Array, allowed: jax.Array,
     c = jnp.where(allowed, cost[:, k], jnp.inf)
     j = jnp.argmin(c, axis=-1)
     ok = valid[:, k] & allowed[rows, j] & jnp.isfinite(c[rows, j])
+    if keep_cost is not None:
+      ok = ok & (c[rows, j] < keep_cost[:, k])
     picks[k] = jnp.where(ok, j, 0).astype(jnp.int32)
     allowed = allowed.at[rows, j].set(allowed[rows, j] & ~ok)
   return jnp.stack(picks, axis=1)
@@ -247,8 +259,12 @@ def minimal_replacements(model, params, inputs: jax.Array,
 def step_replacements(model, params, inputs: jax.Array,
                       targets: jax.Array, positions: jax.Array,
                       valid: jax.Array, allowed: jax.Array,
-                      alpha) -> jax.Array:
+                      alpha, keep: bool = False) -> jax.Array:
   """[B, K] items nearest to e + alpha * g / ||g|| (mode `step`; 0 = none).
+
+  keep: mode `snap`: the original item competes, and a position whose
+  original is at least as near to the step point as every allowed item is
+  left alone (0).
 
   Args:
     model, params: the attacked model.
@@ -260,9 +276,12 @@ def step_replacements(model, params, inputs: jax.Array,
   rows = jnp.arange(inputs.shape[0])[:, None]
   g = target_gradient(model, params, inputs, targets)[rows, positions]
   table = model.items(params)
-  points = table[inputs[rows, positions]] + alpha * adversarial.l2_normalize(
-      g, axes=-1)
-  return pick_distinct(squared_distances(table, points), allowed, valid)
+  originals = inputs[rows, positions]
+  points = table[originals] + alpha * adversarial.l2_normalize(g, axes=-1)
+  cost = squared_distances(table, points)
+  keep_cost = (jnp.take_along_axis(cost, originals[..., None], axis=-1)[..., 0]
+               if keep else None)
+  return pick_distinct(cost, allowed, valid, keep_cost)
 
 
 def random_replacements(rng: jax.Array, valid: jax.Array,
@@ -286,8 +305,9 @@ def attack_batch(model, params, inputs: jax.Array, targets: jax.Array,
   Args:
     inputs: [B, T]; targets, extra: [B]; history_rows: [B, H].
     positions, valid: [B, K] from `attack_positions`.
-    alpha: gradient step (mode 'step' only); rng: key (mode 'random' only).
-    mode: 'minimal', 'cosine', 'step' or 'random' (`MODES`, or an alias).
+    alpha: gradient step (modes 'step', 'snap'); rng: key (mode 'random').
+    mode: 'minimal', 'cosine', 'step', 'snap' or 'random' (`MODES`, or an
+      alias).
   """
   mode = resolve_mode(mode)
   allowed = allowed_replacements(inputs, targets, history_rows, extra,
@@ -296,9 +316,9 @@ def attack_batch(model, params, inputs: jax.Array, targets: jax.Array,
     items = minimal_replacements(
         model, params, inputs, targets, positions, valid, allowed,
         minimal_cost if mode == "minimal" else cosine_cost)
-  elif mode == "step":
+  elif mode in ("step", "snap"):
     items = step_replacements(model, params, inputs, targets, positions,
-                              valid, allowed, alpha)
+                              valid, allowed, alpha, keep=mode == "snap")
   else:
     items = random_replacements(rng, valid, allowed)
   return replace_items(inputs, positions, items)
@@ -312,7 +332,7 @@ def make_attack(model, num_items: int, batch_size: int,
     params, inputs [E, T], targets [E], users [E], extra [E], history [U, H]:
       as for `evaluate.make_ranker`.
     positions, valid: [E, K] from `attack_positions`.
-    alpha: gradient step (scalar; used by mode 'step' only).
+    alpha: gradient step (scalar; used by modes 'step' and 'snap').
     rng: PRNG key (mode 'random'); batch i uses fold_in(rng, i).
   Users go `batch_size` at a time through a `lax.map`, with one matrix
   product over the catalog per batch. It compiles once per K.
@@ -342,7 +362,7 @@ def median_nn_distance(table: jax.Array, block_size: int = 1024) -> jax.Array:
     block_size: rows per distance block, so memory is block_size * N.
 
   Returns:
-    scalar float32 (the default step alpha of mode 'step').
+    scalar float32 (the default step alpha of modes 'step' and 'snap').
   """
   items = table[1:]
   n = items.shape[0]
@@ -407,21 +427,21 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
     num_items: N.
     positions: single-item attacks to run (Fig. 5).
     last_k: K values of the last-K attack (Fig. 6).
-    mode: 'minimal' (Sec. 5.6), 'step' or 'random' (module docstring;
-      'gradient' is an alias of 'step').
-    alpha: step of mode 'step'; None = `median_nn_distance` of the item
-      table. Unused by the other modes.
+    mode: 'minimal' (Sec. 5.6), 'cosine', 'step', 'snap' or 'random'
+      (module docstring; 'gradient' is an alias of 'step').
+    alpha: step of modes 'step' and 'snap'; None = `median_nn_distance` of
+      the item table. Unused by the other modes.
     batch_size: users per batch (attack and ranking).
     ks: metric cut-offs.
     rng: PRNG key; required for mode 'random', unused otherwise.
     split: 'test' (the validation item is history) or 'valid'.
     plan: length buckets of the evaluation rows (`batching.eval_plan`):
       attack and ranking run each bucket on its last T_b columns. Modes
-      'minimal' and 'step' give the same result as without (each row is
+      other than 'random' give the same result as without (each row is
       attacked on its own); 'random' draws per batch, so other items.
 
   Returns:
-    {"mode" (as resolved), "alpha" (float for mode 'step', else None),
+    {"mode" (as resolved), "alpha" (float for 'step'/'snap', else None),
      "split", "clean": evaluate.summarize dict,
      "attacks": {name: summarize dict + "<metric>_drop" for ndcg@K, hr@K and
      mrr, + "replaced" (mean items replaced per user) + the medians of
@@ -443,7 +463,7 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
     return evaluate.summarize(np.asarray(r), ks)
 
   clean = summary(inputs)
-  if mode != "step":
+  if mode not in ("step", "snap"):
     alpha = None
   elif alpha is None:
     alpha = median_nn_distance(model.items(params))

@@ -110,6 +110,16 @@ def test_runners_end_to_end(make_config, tmp_path):
   # The restored checkpoint is the selected one: clean test metrics agree.
   pre = json.load(open(tmp_path / "seed0" / "results.json"))["pretrain"]
   assert r["clean"]["ndcg@10"] == pytest.approx(pre["test/ndcg@10"], rel=1e-6)
+  snap = robustness_runner.run(config, str(tmp_path / "seed0"), ["pretrain"],
+                               "snap", alpha_scale=1e-3)["pretrain"]
+  # A step far below the nearest-neighbour distance keeps every item.
+  assert snap["alpha"] > 0 and snap["attacks"]["last"]["replaced"] == 0
+  assert snap["attacks"]["last"]["ndcg@10_drop"] == 0
+  assert robustness_runner.output_stem("snap", None, 0.5) == (
+      "robustness_snap_x0.5")
+  with pytest.raises(ValueError, match="not both"):
+    robustness_runner.run(config, str(tmp_path / "seed0"), ["pretrain"],
+                          "snap", alpha=1.0, alpha_scale=1.0)
   with pytest.raises(FileNotFoundError, match="train phase 'linear'"):
     robustness_runner.run(config, str(tmp_path / "seed0"), ["linear"],
                           "random")

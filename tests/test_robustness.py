@@ -177,6 +177,57 @@ def test_tiny_alpha_picks_the_originals_nearest_allowed_neighbour():
       assert out[b, p] == min(dist, key=dist.get)
 
 
+def greedy_snap(table, origs, points, valid, forbidden):
+  """Brute force of mode `snap` for one row: latest position first, the
+  nearest to the step point among the allowed items and the original; the
+  original wins ties and then takes nothing from the other positions."""
+  picks, taken = [0] * len(points), set(forbidden)
+  for k in reversed(range(len(points))):
+    if not valid[k]:
+      continue
+    dist = {j: np.sum((table[j] - points[k]) ** 2)
+            for j in range(1, N + 1) if j not in taken}
+    best = min(dist, key=dist.get)
+    if dist[best] < np.sum((table[origs[k]] - points[k]) ** 2):
+      picks[k] = best
+      taken.add(best)
+  return picks
+
+
+@pytest.mark.parametrize("where,k,alpha", [
+    ("last", 1, 0.05), ("last", 3, 0.3), ("middle", 1, 1.0),
+    ("last", 3, 3.0)])
+def test_snap_attack_keeps_the_original_when_it_is_nearest(where, k, alpha):
+  model, params, attack = jitted_attack("snap", 3)
+  inputs, targets, history, extra = toy_users(B=12, seed=3)
+  pos, valid = robustness.attack_positions(inputs, where, k)
+  out = np.asarray(attack(params, inputs, targets, jnp.arange(len(inputs)),
+                          extra, history, pos, valid, alpha,
+                          jax.random.PRNGKey(0)))
+  table = np.asarray(model.items(params), np.float64)
+  grads = np.asarray(row_gradient_fn(model)(params, inputs, targets))
+  x, pos, valid = (np.asarray(a) for a in (inputs, pos, valid))
+  kept = changed = 0
+  for b in range(len(x)):
+    g = grads[b, pos[b]]
+    norm = np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-30)
+    origs = x[b, pos[b]]
+    points = table[origs] + alpha * g / norm
+    forbidden = forbidden_set(x[b], targets[b], history[b], extra[b])
+    picks = greedy_snap(table, origs, points, valid[b], forbidden)
+    expected = x[b].copy()
+    for p, v, j in zip(pos[b], valid[b], picks):
+      if v and j:
+        expected[p] = j
+      kept += bool(v and not j)
+      changed += bool(v and j)
+    np.testing.assert_array_equal(out[b], expected, err_msg=f"row {b}")
+  if alpha <= 0.05:  # a tiny step stays nearest to the original
+    assert changed == 0 and kept > 0
+  if alpha >= 3.0:   # a long one leaves it behind
+    assert changed > kept
+
+
 def l2(a, b):
   return np.sum((a - b) ** 2)
 

@@ -13,7 +13,11 @@ when matplotlib is installed (`pip install -e ".[plots]"`), a PNG figure.
 allowed item whose displacement from the original points along the gradient
 of the target's ranking loss), `cosine` (the same, nearest in angle rather
 than L2 distance), `step` (the item nearest to a gradient step of
-size --alpha; called `gradient` before, which is still accepted) or `random`.
+size --alpha; called `gradient` before, which is still accepted), `snap` (as
+`step`, but a position keeps its item when the step point is nearest to it)
+or `random`. The step is --alpha, or --alpha_scale times the median
+nearest-neighbour distance of each model's item table (default 1); with
+either flag the output name carries it (robustness_snap_x0.5.json).
 """
 
 from __future__ import annotations
@@ -29,13 +33,16 @@ from cat_jax import writer
 from cat_jax.experiments import common
 
 def run(config, workdir: str, phases, mode: str, alpha=None,
-        seed: int = 0) -> dict:
+        seed: int = 0, alpha_scale=None) -> dict:
   """{entry: evaluate_robustness(...)} for each finished phase.
 
   An entry is a phase name ('pretrain', 'cas') or 'subdir/phase' for a
   phase trained in a subfolder of `workdir` (the runners' layout, e.g.
-  'cas/cas').
+  'cas/cas'). alpha_scale (modes 'step'/'snap', exclusive with alpha): the
+  step is this multiple of the model's median nearest-neighbour distance.
   """
+  if alpha is not None and alpha_scale is not None:
+    raise ValueError("Give --alpha or --alpha_scale, not both.")
   out = {}
   for entry in phases:
     sub, phase = os.path.split(entry)
@@ -43,11 +50,26 @@ def run(config, workdir: str, phases, mode: str, alpha=None,
         config, os.path.join(workdir, sub), phase)
     plan = batching.eval_plan_from_table(
         data["test_inputs"], config.eval.buckets, config.eval.batch_size)
+    step = alpha
+    if alpha_scale is not None:
+      step = alpha_scale * float(robustness.median_nn_distance(
+          model.items(params)))
     out[entry] = robustness.evaluate_robustness(
         model, params, data, num_items, mode=mode,
-        alpha=alpha, batch_size=config.eval.batch_size,
+        alpha=step, batch_size=config.eval.batch_size,
         ks=tuple(config.eval.ks), rng=jax.random.PRNGKey(seed), plan=plan)
   return out
+
+
+def output_stem(mode: str, alpha=None, alpha_scale=None) -> str:
+  """'robustness_<mode>', with '_a<alpha>' or '_x<scale>' when given, so
+  that a sweep over step sizes keeps every result."""
+  stem = f"robustness_{mode}"
+  if alpha is not None:
+    stem += f"_a{alpha:g}"
+  if alpha_scale is not None:
+    stem += f"_x{alpha_scale:g}"
+  return stem
 
 
 def plot(results: dict, path: str, metric: str = "ndcg@10") -> bool:
@@ -83,10 +105,14 @@ def main(argv):
   del argv
   writer.quiet_library_logs()
   F = flags.FLAGS
-  results = run(F.config, F.workdir, common.split_list(F.phases), F.mode,
-                F.alpha, F.seed)
+  try:
+    results = run(F.config, F.workdir, common.split_list(F.phases), F.mode,
+                  F.alpha, F.seed, F.alpha_scale)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if writer.is_chief():
-    path = os.path.join(F.workdir, f"robustness_{F.mode}")
+    path = os.path.join(F.workdir, output_stem(F.mode, F.alpha,
+                                               F.alpha_scale))
     with open(path + ".json", "w") as f:
       json.dump(results, f, indent=1)
     plot(results, path + ".png")
@@ -96,7 +122,8 @@ def main(argv):
     print(f"{phase}: clean ndcg@10={r['clean']['ndcg@10']:.4f} drops: {line}")
     last = r["attacks"].get("last")
     if last:
-      print(f"  last item: replacement/original norm {last['norm_ratio']:.2f}"
+      print(f"  last item: replaced in {last['replaced']:.1%} of windows, "
+            f"replacement/original norm {last['norm_ratio']:.2f}"
             f", training count {last['count_replacement']:.0f} vs "
             f"{last['count_original']:.0f} (medians)")
 
@@ -113,9 +140,14 @@ def define_flags():
       "Replacement rule: 'minimal' (Sec. 5.6: nearest allowed item in the "
       "direction of the target-loss gradient), 'cosine' (the same, nearest "
       "in angle), 'step' (nearest item to a "
-      "gradient step of --alpha; 'gradient' is its old name) or 'random'.")
-  flags.DEFINE_float("alpha", None, "Gradient step of --mode=step (default: "
-                     "median nearest-neighbour distance of the item table).")
+      "gradient step of --alpha; 'gradient' is its old name), 'snap' (as "
+      "'step', the original item competing) or 'random'.")
+  flags.DEFINE_float("alpha", None, "Gradient step of --mode=step/snap "
+                     "(default: median nearest-neighbour distance of the "
+                     "item table).")
+  flags.DEFINE_float("alpha_scale", None, "Gradient step of --mode=step/snap "
+                     "as a multiple of the median nearest-neighbour distance "
+                     "of each model's item table (instead of --alpha).")
   flags.DEFINE_integer("seed", 0, "Seed of the random replacements.")
 
 
