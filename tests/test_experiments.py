@@ -111,7 +111,9 @@ def test_runners_end_to_end(make_config, tmp_path):
   pre = json.load(open(tmp_path / "seed0" / "results.json"))["pretrain"]
   assert r["clean"]["ndcg@10"] == pytest.approx(pre["test/ndcg@10"], rel=1e-6)
   snap = robustness_runner.run(config, str(tmp_path / "seed0"), ["pretrain"],
-                               "snap", alpha_scale=1e-3)["pretrain"]
+                               "snap", alpha_scale=1e-3,
+                               last_k=())["pretrain"]
+  assert set(snap["attacks"]) == {"first", "middle", "last"}
   # A step far below the nearest-neighbour distance keeps every item.
   assert snap["alpha"] > 0 and snap["attacks"]["last"]["replaced"] == 0
   assert snap["attacks"]["last"]["ndcg@10_drop"] == 0

@@ -33,13 +33,14 @@ from cat_jax import writer
 from cat_jax.experiments import common
 
 def run(config, workdir: str, phases, mode: str, alpha=None,
-        seed: int = 0, alpha_scale=None) -> dict:
+        seed: int = 0, alpha_scale=None, last_k=(1, 2, 3, 4, 5)) -> dict:
   """{entry: evaluate_robustness(...)} for each finished phase.
 
   An entry is a phase name ('pretrain', 'cas') or 'subdir/phase' for a
   phase trained in a subfolder of `workdir` (the runners' layout, e.g.
   'cas/cas'). alpha_scale (modes 'step'/'snap', exclusive with alpha): the
   step is this multiple of the model's median nearest-neighbour distance.
+  last_k: K values of the last-K attack (Fig. 6; () runs Fig. 5 only).
   """
   if alpha is not None and alpha_scale is not None:
     raise ValueError("Give --alpha or --alpha_scale, not both.")
@@ -56,7 +57,8 @@ def run(config, workdir: str, phases, mode: str, alpha=None,
           model.items(params)))
     out[entry] = robustness.evaluate_robustness(
         model, params, data, num_items, mode=mode,
-        alpha=step, batch_size=config.eval.batch_size,
+        alpha=step, last_k=tuple(last_k),
+        batch_size=config.eval.batch_size,
         ks=tuple(config.eval.ks), rng=jax.random.PRNGKey(seed), plan=plan)
   return out
 
@@ -107,7 +109,8 @@ def main(argv):
   F = flags.FLAGS
   try:
     results = run(F.config, F.workdir, common.split_list(F.phases), F.mode,
-                  F.alpha, F.seed, F.alpha_scale)
+                  F.alpha, F.seed, F.alpha_scale,
+                  common.split_list(F.last_k, int))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if writer.is_chief():
@@ -149,6 +152,8 @@ def define_flags():
                      "as a multiple of the median nearest-neighbour distance "
                      "of each model's item table (instead of --alpha).")
   flags.DEFINE_integer("seed", 0, "Seed of the random replacements.")
+  flags.DEFINE_string("last_k", "1,2,3,4,5", "Comma-separated K of the "
+                      "last-K attack (Fig. 6); empty for Fig. 5 only.")
 
 
 if __name__ == "__main__":
