@@ -1,4 +1,5 @@
-"""Small statistics for reports: mean/std and a paired t-test (no SciPy)."""
+"""Small statistics for reports: mean/std, a paired t-test and Holm's
+correction (no SciPy)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,23 @@ def paired_ttest(x: Sequence[float], y: Sequence[float]) -> dict:
   df = n - 1
   p = betainc(df / 2.0, 0.5, df / (df + t * t))
   return {"t": t, "p": p, "n": n}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+  """Holm-Bonferroni adjusted p-values of one family of tests.
+
+  With the m finite p-values sorted, p_(1) <= ... <= p_(m), the adjusted
+  p_(i) is max over j <= i of min(1, (m - j + 1) p_(j)) (Holm 1979); a test
+  is rejected at level a when its adjusted p-value is <= a, which controls
+  the family-wise error rate at a. NaN p-values (no spread, one seed) are
+  not tests: they stay NaN and do not count in m. Returns the adjusted
+  values in the input order.
+  """
+  order = sorted((p, i) for i, p in enumerate(pvalues) if math.isfinite(p))
+  m = len(order)
+  out = [float("nan")] * len(pvalues)
+  running = 0.0
+  for rank, (p, i) in enumerate(order):
+    running = max(running, min(1.0, (m - rank) * p))
+    out[i] = running
+  return out

@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from cat_jax import stats
@@ -20,12 +21,33 @@ def test_summarize_and_markdown():
   assert cas["values"] == pytest.approx([0.06, 0.07, 0.085])
   assert cas["mean"] == pytest.approx(0.215 / 3)
   assert cas["pct_vs_none"] == pytest.approx(100 * (0.215 / 0.15 - 1))
-  assert cas["vs_none"] == stats.paired_ttest(cas["values"], runs_none)
+  assert {k: v for k, v in cas["vs_none"].items() if k != "p_holm"} == (
+      stats.paired_ttest(cas["values"], runs_none))
   assert "vs_none" not in summary["rows"]["none"]["test/ndcg@10"]
   assert "vs_global" not in summary["rows"]["global"]["test/ndcg@10"]
+  # One Holm family per metric: every variant vs none, cascade ones vs
+  # global; a non-cascade variant is not compared with global.
+  runs["linear"] = {s: dict(runs["global"][s]) for s in (0, 1, 2)}
+  runs["linear"][1]["test/ndcg@10"] += 0.002
+  summary = common.summarize(runs, [0, 1, 2])
+  assert summary["family"] == ["global vs none", "cas vs none",
+                               "linear vs none", "cas vs global"]
+  rows = summary["rows"]
+  assert "vs_global" not in rows["linear"]["test/ndcg@10"]
+  for k in ("test/ndcg@10", "test/hr@10"):
+    tests = [rows["global"][k]["vs_none"], rows["cas"][k]["vs_none"],
+             rows["linear"][k]["vs_none"], rows["cas"][k]["vs_global"]]
+    # (NaN where a difference has no spread, as equal values compare.)
+    np.testing.assert_equal([t["p_holm"] for t in tests],
+                            stats.holm([t["p"] for t in tests]))
   md = common.to_markdown(summary)
-  rows = [l for l in md.splitlines() if l.startswith("| ")]
-  assert len(rows) == 4 and rows[3].startswith("| cas | 0.0717 ± ")
+  lines = [l for l in md.splitlines() if l.startswith("| ")]
+  assert len(lines) == 5 and lines[3].startswith("| cas | 0.0717 ± ")
+  t = rows["cas"]["test/ndcg@10"]["vs_none"]
+  assert f"{t['p']:.3f} ({t['p_holm']:.3f}" in lines[3]
+  assert "Holm-adjusted over the 4 comparisons" in md
+  assert common.format_p({"p": 0.01, "p_holm": 0.04}) == "0.010 (0.040*)"
+  assert common.format_p({"p": float("nan"), "p_holm": float("nan")}) == ""
 
 
 def test_eps_sweep_variant_names():

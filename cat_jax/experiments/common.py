@@ -78,24 +78,45 @@ def run_variants(config, workdir: str, seeds, variants: dict,
 def summarize(runs: dict, seeds) -> dict:
   """runs[name][seed][metric] -> rows with mean, std, % vs none, t-tests.
 
-  Comparisons are made against the variants named 'none' (the base model
-  trained as long) and 'global', when present.
+  Paired t-tests over seeds compare every variant with the one named
+  'none' (the base model trained as long) and every cascade variant (name
+  starting with 'cas') with 'global', when those are present. Per metric,
+  these comparisons are one family: each test dict also gets 'p_holm', its
+  Holm-adjusted p-value (`stats.holm`), and the summary lists the family
+  under 'family'.
   """
-  rows = {}
-  for name, per_seed in runs.items():
-    row = {}
-    for k in METRICS:
+  rows = {name: {} for name in runs}
+  family = [(name, ref) for ref in ("none", "global") if ref in runs
+            for name in runs
+            if name != ref and (ref == "none" or name.startswith("cas"))]
+  for k in METRICS:
+    for name, per_seed in runs.items():
       vals = [per_seed[s][k] for s in seeds]
-      row[k] = dict(zip(("mean", "std"), stats.mean_std(vals)), values=vals)
-      for ref in ("none", "global"):
-        if ref in runs and ref != name:
-          ref_vals = [runs[ref][s][k] for s in seeds]
-          row[k][f"vs_{ref}"] = stats.paired_ttest(vals, ref_vals)
+      row = dict(zip(("mean", "std"), stats.mean_std(vals)), values=vals)
       if "none" in runs:
         base = stats.mean_std([runs["none"][s][k] for s in seeds])[0]
-        row[k]["pct_vs_none"] = 100.0 * (row[k]["mean"] / base - 1.0)
-    rows[name] = row
-  return {"seeds": list(seeds), "rows": rows}
+        row["pct_vs_none"] = 100.0 * (row["mean"] / base - 1.0)
+      rows[name][k] = row
+    for name, ref in family:
+      rows[name][k][f"vs_{ref}"] = stats.paired_ttest(
+          rows[name][k]["values"], rows[ref][k]["values"])
+    adjusted = stats.holm([rows[n][k][f"vs_{r}"]["p"] for n, r in family])
+    for (name, ref), p in zip(family, adjusted):
+      rows[name][k][f"vs_{ref}"]["p_holm"] = p
+  return {"seeds": list(seeds), "rows": rows,
+          "family": [f"{n} vs {r}" for n, r in family]}
+
+
+def format_p(test: dict | None) -> str:
+  """'0.012 (0.048)': raw and Holm-adjusted p; '*' when the adjusted p is at
+  most 0.05; empty without a test or a spread (one seed)."""
+  if test is None or not math.isfinite(test["p"]):
+    return ""
+  out = f"{test['p']:.3f}"
+  adj = test.get("p_holm", float("nan"))
+  if math.isfinite(adj):
+    out += f" ({adj:.3f}{'*' if adj <= 0.05 else ''})"
+  return out
 
 
 def to_markdown(summary: dict) -> str:
@@ -103,9 +124,6 @@ def to_markdown(summary: dict) -> str:
   head = ("| variant | NDCG@10 | % vs none | p vs none | p vs global | HR@10 |"
           " % vs none |\n|---|---|---|---|---|---|---|")
   lines = [head]
-  # No p-value without a spread (one seed): an empty cell, not 'nan'.
-  fmt_p = lambda d: "" if d is None or not math.isfinite(d["p"]) else \
-      f"{d['p']:.3f}"
   eps = summary.get("eps", {})
   for name, row in summary["rows"].items():
     n, h = row["test/ndcg@10"], row["test/hr@10"]
@@ -113,10 +131,14 @@ def to_markdown(summary: dict) -> str:
         f"{name} (eps {eps[name]:g})"
     lines.append(
         f"| {label} | {n['mean']:.4f} ± {n['std']:.4f} | "
-        f"{n.get('pct_vs_none', 0.0):+.1f}% | {fmt_p(n.get('vs_none'))} | "
-        f"{fmt_p(n.get('vs_global'))} | {h['mean']:.4f} ± {h['std']:.4f} | "
+        f"{n.get('pct_vs_none', 0.0):+.1f}% | {format_p(n.get('vs_none'))} | "
+        f"{format_p(n.get('vs_global'))} | {h['mean']:.4f} ± {h['std']:.4f} | "
         f"{h.get('pct_vs_none', 0.0):+.1f}% |")
-  return "\n".join(lines) + f"\n\nseeds: {summary['seeds']}\n"
+  family = summary.get("family", [])
+  note = (f"\n\np: two-sided paired t-test over the seeds on NDCG@10; in "
+          f"parentheses Holm-adjusted over the {len(family)} comparisons of "
+          f"this table, * where the adjusted p <= 0.05." if family else "")
+  return "\n".join(lines) + note + f"\n\nseeds: {summary['seeds']}\n"
 
 
 def write(workdir: str, stem: str, summary: dict) -> str:

@@ -16,7 +16,9 @@
 Each seed pretrains once (<workdir>/seed<k>/pretrain) and every method
 continues from it (<workdir>/seed<k>/<method>). Writes <workdir>/table2.json
 and table2.md: mean and std over seeds, % vs `none` (the base model trained
-as long), and paired t-tests over seeds against `none` and `global`.
+as long), and paired t-tests over seeds of every method against `none` and
+of the cascade methods (cas, cas_temporal, cas_cross) against `global`, with
+Holm-adjusted p-values over those comparisons (one family per metric).
 """
 
 from __future__ import annotations
