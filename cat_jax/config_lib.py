@@ -177,13 +177,14 @@ PAPER_DATASETS = {"video": ("Video.txt", 50), "beauty": ("Beauty.txt", 50),
 
 
 # eps per (model, data set) and method, chosen on seed 0's validation
-# NDCG@10 (RESULTS.md, "eps grid" and "Superseded"). The paper trains with eps = 10
-# (Sec. 5.1), but here eps is the L2 norm of the perturbation of one
-# sequence block or embedding row, and on Video SASRec eps = 10 costs 21% of
-# test NDCG@10 even spread over the whole batch (scope 'batch'), and linear
-# at eps = 1 11% (RESULTS.md, "eps grid"): pass --config.adv.eps=10 to see
-# it. Video SASRec comes from the paper-budget grid; the other settings from the short-training grids of
-# sessions 1-5 (old level 1) until their paper-budget grids have run. ML-1M
+# NDCG@10 (RESULTS.md, "eps grid" and "Superseded"). The paper trains with
+# eps = 10 (Sec. 5.1), but here eps is the L2 norm of the perturbation of
+# one sequence block or embedding row, and on Video SASRec eps = 10 costs
+# 21% of test NDCG@10 even spread over the whole batch (scope 'batch'), and
+# linear at eps = 1 11% (RESULTS.md, "eps grid"): pass --config.adv.eps=10
+# to see it. Video SASRec comes from the paper-budget grid; the other
+# settings from the short-training grids of sessions 1-5 (old level 1)
+# until their paper-budget grids have run. ML-1M
 # has no grid: it takes its model's Video values. The cascade ablations take
 # `cas`'s value, so that they differ from it in one thing only.
 TUNED_EPS = {

@@ -60,6 +60,8 @@ POSITIONS = ("first", "middle", "last")
 MODES = ("minimal", "cosine", "step", "snap", "random")
 # Older names of the modes, still accepted (RESULTS.md's commands use them).
 MODE_ALIASES = {"gradient": "step"}
+# The modes that take a gradient step of size alpha.
+STEP_MODES = ("step", "snap")
 
 
 def resolve_mode(mode: str) -> str:
@@ -316,7 +318,7 @@ def attack_batch(model, params, inputs: jax.Array, targets: jax.Array,
     items = minimal_replacements(
         model, params, inputs, targets, positions, valid, allowed,
         minimal_cost if mode == "minimal" else cosine_cost)
-  elif mode in ("step", "snap"):
+  elif mode in STEP_MODES:
     items = step_replacements(model, params, inputs, targets, positions,
                               valid, allowed, alpha, keep=mode == "snap")
   else:
@@ -463,7 +465,7 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
     return evaluate.summarize(np.asarray(r), ks)
 
   clean = summary(inputs)
-  if mode not in ("step", "snap"):
+  if mode not in STEP_MODES:
     alpha = None
   elif alpha is None:
     alpha = median_nn_distance(model.items(params))

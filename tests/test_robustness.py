@@ -45,16 +45,23 @@ def forbidden_set(inputs, target, history, extra):
           | {int(h) for h in history if h <= N})
 
 
-def greedy_nearest(table, points, valid, forbidden):
-  """Brute force of one row: positions pick latest first, distinct items."""
+def greedy_nearest(table, points, valid, forbidden, originals=None):
+  """Brute force of one row: positions pick latest first, distinct items.
+
+  With `originals` (mode `snap`) the original item competes: it wins ties,
+  and a position it wins picks 0 and takes nothing from the others.
+  """
   picks, taken = [0] * len(points), set(forbidden)
   for k in reversed(range(len(points))):
     if not valid[k]:
       continue
     dist = {j: np.sum((table[j] - points[k]) ** 2)
             for j in range(1, N + 1) if j not in taken}
-    picks[k] = min(dist, key=dist.get)
-    taken.add(picks[k])
+    best = min(dist, key=dist.get)
+    if (originals is None
+        or dist[best] < np.sum((table[originals[k]] - points[k]) ** 2)):
+      picks[k] = best
+      taken.add(best)
   return picks
 
 
@@ -128,6 +135,30 @@ def row_gradient_fn(model):
   return grads
 
 
+def step_expectation(model, params, inputs, targets, history, extra, pos,
+                     valid, alpha, snap=False):
+  """(inputs, expected windows) of mode `step` (or `snap`) by brute force:
+  per row, the step points e + alpha g/||g|| from per-row gradients, then
+  `greedy_nearest`."""
+  table = np.asarray(model.items(params), np.float64)
+  grads = np.asarray(row_gradient_fn(model)(params, inputs, targets))
+  x, pos, valid = (np.asarray(a) for a in (inputs, pos, valid))
+  expected = x.copy()
+  for b in range(len(x)):
+    g = grads[b, pos[b]]
+    # Padding positions have g = 0; they are invalid and never replaced.
+    norm = np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-30)
+    origs = x[b, pos[b]]
+    points = table[origs] + alpha * g / norm
+    forbidden = forbidden_set(x[b], targets[b], history[b], extra[b])
+    picks = greedy_nearest(table, points, valid[b], forbidden,
+                           origs if snap else None)
+    for p, v, j in zip(pos[b], valid[b], picks):
+      if v and j:
+        expected[b, p] = j
+  return x, expected
+
+
 @pytest.mark.parametrize("where,k,alpha", [
     ("first", 1, 0.3), ("middle", 1, 0.3), ("last", 1, 0.3),
     ("last", 3, 0.3), ("last", 3, 1e-6)])
@@ -139,24 +170,13 @@ def test_step_attack_is_the_nearest_allowed_item(where, k, alpha):
   pos, valid = robustness.attack_positions(inputs, where, k)
   out = np.asarray(attack(params, inputs, targets, users, extra, history,
                           pos, valid, alpha, jax.random.PRNGKey(0)))
-  table = np.asarray(model.items(params), np.float64)
-  grads = np.asarray(row_gradient_fn(model)(params, inputs, targets))
-  x, pos, valid = (np.asarray(a) for a in (inputs, pos, valid))
+  x, expected = step_expectation(model, params, inputs, targets, history,
+                                 extra, pos, valid, alpha)
+  np.testing.assert_array_equal(out, expected)
   for b in range(len(x)):
-    g = grads[b, pos[b]]
-    # Padding positions have g = 0; they are invalid and never replaced.
-    norm = np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-30)
-    step = g / norm
-    points = table[x[b, pos[b]]] + alpha * step
-    forbidden = forbidden_set(x[b], targets[b], history[b], extra[b])
-    picks = greedy_nearest(table, points, valid[b], forbidden)
-    expected = x[b].copy()
-    for p, v, j in zip(pos[b], valid[b], picks):
-      if v:
-        expected[p] = j
-    np.testing.assert_array_equal(out[b], expected, err_msg=f"row {b}")
     changed = np.flatnonzero(out[b] != x[b])
-    assert len(changed) == valid[b].sum()
+    assert len(changed) == np.asarray(valid)[b].sum()
+    forbidden = forbidden_set(x[b], targets[b], history[b], extra[b])
     assert not set(out[b, changed].tolist()) & forbidden
 
 
@@ -177,23 +197,6 @@ def test_tiny_alpha_picks_the_originals_nearest_allowed_neighbour():
       assert out[b, p] == min(dist, key=dist.get)
 
 
-def greedy_snap(table, origs, points, valid, forbidden):
-  """Brute force of mode `snap` for one row: latest position first, the
-  nearest to the step point among the allowed items and the original; the
-  original wins ties and then takes nothing from the other positions."""
-  picks, taken = [0] * len(points), set(forbidden)
-  for k in reversed(range(len(points))):
-    if not valid[k]:
-      continue
-    dist = {j: np.sum((table[j] - points[k]) ** 2)
-            for j in range(1, N + 1) if j not in taken}
-    best = min(dist, key=dist.get)
-    if dist[best] < np.sum((table[origs[k]] - points[k]) ** 2):
-      picks[k] = best
-      taken.add(best)
-  return picks
-
-
 @pytest.mark.parametrize("where,k,alpha", [
     ("last", 1, 0.05), ("last", 3, 0.3), ("middle", 1, 1.0),
     ("last", 3, 3.0)])
@@ -204,24 +207,11 @@ def test_snap_attack_keeps_the_original_when_it_is_nearest(where, k, alpha):
   out = np.asarray(attack(params, inputs, targets, jnp.arange(len(inputs)),
                           extra, history, pos, valid, alpha,
                           jax.random.PRNGKey(0)))
-  table = np.asarray(model.items(params), np.float64)
-  grads = np.asarray(row_gradient_fn(model)(params, inputs, targets))
-  x, pos, valid = (np.asarray(a) for a in (inputs, pos, valid))
-  kept = changed = 0
-  for b in range(len(x)):
-    g = grads[b, pos[b]]
-    norm = np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-30)
-    origs = x[b, pos[b]]
-    points = table[origs] + alpha * g / norm
-    forbidden = forbidden_set(x[b], targets[b], history[b], extra[b])
-    picks = greedy_snap(table, origs, points, valid[b], forbidden)
-    expected = x[b].copy()
-    for p, v, j in zip(pos[b], valid[b], picks):
-      if v and j:
-        expected[p] = j
-      kept += bool(v and not j)
-      changed += bool(v and j)
-    np.testing.assert_array_equal(out[b], expected, err_msg=f"row {b}")
+  x, expected = step_expectation(model, params, inputs, targets, history,
+                                 extra, pos, valid, alpha, snap=True)
+  np.testing.assert_array_equal(out, expected)
+  changed = int(np.sum(out != x))
+  kept = int(np.sum(np.asarray(valid))) - changed
   if alpha <= 0.05:  # a tiny step stays nearest to the original
     assert changed == 0 and kept > 0
   if alpha >= 3.0:   # a long one leaves it behind
