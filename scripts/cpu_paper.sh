@@ -21,6 +21,8 @@
 #                      epochs) without improvement
 #   robustness PHASES SEED   Fig. 5/6, minimal attack, of trained phases
 #                      ('pretrain,none/none,cas/cas')
+#   robustness_report [SEEDS]   Fig. 5/6 over seeds (mean ± std, paired
+#                      t-tests) of the robustness results of every seed
 # Runs go to $RUNS/paper_<setting> (default RUNS=runs); every stage resumes
 # from checkpoints and reads finished runs back, so a stage can be run again
 # to complete or extend it. Pin it to a core with `taskset -c N`.
@@ -63,5 +65,8 @@ case $stage in
     python -m cat_jax.experiments.robustness --config=$cfg \
         --workdir=$w/seed${arg2:-0} --phases=${arg:?phases} --mode=minimal \
         "${base[@]}" ;;
+  robustness_report)
+    python -m cat_jax.experiments.robustness_report --workdir=$w \
+        --seeds=${arg:-0,1,2} --mode=minimal ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

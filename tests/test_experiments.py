@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from cat_jax import stats
 from cat_jax.experiments import common, curves, eps_sweep
 from cat_jax.experiments import robustness as robustness_runner
+from cat_jax.experiments import robustness_report
 from cat_jax.experiments import table2
 
 
@@ -157,3 +159,52 @@ def test_table2_per_method_eps():
       table2.parse_eps(bad)
   with pytest.raises(ValueError, match="not run"):
     table2.run_table(None, "unused", [0], ["none"], {"cas": 1.0})
+
+
+def test_robustness_report_over_seeds(tmp_path):
+  """Means, drops and tests over seeds equal a direct computation."""
+  rng = np.random.default_rng(0)
+  attacks = ["first", "middle", "last", "last_1", "last_2"]
+  entries = ["pretrain", "none/none", "global/global", "cas/cas"]
+  raw = {}
+  for s in (0, 1, 2):
+    raw[s] = {}
+    for e in entries:
+      clean = float(rng.uniform(0.04, 0.06))
+      att = {a: float(rng.uniform(0.005, clean)) for a in attacks}
+      raw[s][e] = {"clean": {"ndcg@10": clean}, "attacks": {
+          a: {"ndcg@10": v, "ndcg@10_drop": (clean - v) / clean}
+          for a, v in att.items()}}
+      os.makedirs(tmp_path / f"seed{s}", exist_ok=True)
+    (tmp_path / f"seed{s}" / "robustness_minimal.json").write_text(
+        json.dumps(raw[s]))
+  seeds = [0, 1, 2]
+  summary = robustness_report.summarize(
+      robustness_report.load(str(tmp_path), seeds, "robustness_minimal"),
+      seeds)
+  assert summary["models"] == ["pretrain", "none", "global", "cas"]
+  for a in attacks:
+    rows = summary["by_attack"][a]["rows"]
+    for e, n in zip(entries, summary["models"]):
+      drops = [1 - raw[s][e]["attacks"][a]["ndcg@10"] /
+               raw[s][e]["clean"]["ndcg@10"] for s in seeds]
+      assert rows[n]["drop"]["mean"] == pytest.approx(np.mean(drops))
+      assert rows[n]["drop"]["std"] == pytest.approx(np.std(drops, ddof=1))
+    cas = [raw[s]["cas/cas"]["attacks"][a]["ndcg@10_drop"] for s in seeds]
+    glob = [raw[s]["global/global"]["attacks"][a]["ndcg@10_drop"]
+            for s in seeds]
+    assert rows["cas"]["drop"]["vs_global"]["p"] == pytest.approx(
+        stats.paired_ttest(cas, glob)["p"])
+  md = robustness_report.to_markdown(summary)
+  cas_line = [l for l in md.splitlines() if l.startswith("| cas |")]
+  assert len(cas_line) == 2  # Fig. 5 and Fig. 6 tables
+  last = summary["by_attack"]["last"]["rows"]["cas"]["drop"]
+  assert f"{100 * last['mean']:.1f} ± {100 * last['std']:.1f}%" in cas_line[0]
+  # A missing seed or different phases per seed: clear errors.
+  with pytest.raises(FileNotFoundError, match="seed3"):
+    robustness_report.load(str(tmp_path), [0, 3], "robustness_minimal")
+  del raw[1]["cas/cas"]
+  (tmp_path / "seed1" / "robustness_minimal.json").write_text(
+      json.dumps(raw[1]))
+  with pytest.raises(ValueError, match="same --phases"):
+    robustness_report.load(str(tmp_path), seeds, "robustness_minimal")

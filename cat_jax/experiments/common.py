@@ -75,7 +75,7 @@ def run_variants(config, workdir: str, seeds, variants: dict,
   return runs
 
 
-def summarize(runs: dict, seeds) -> dict:
+def summarize(runs: dict, seeds, metrics=METRICS) -> dict:
   """runs[name][seed][metric] -> rows with mean, std, % vs none, t-tests.
 
   Paired t-tests over seeds compare every variant with the one named
@@ -83,13 +83,14 @@ def summarize(runs: dict, seeds) -> dict:
   starting with 'cas') with 'global', when those are present. Per metric,
   these comparisons are one family: each test dict also gets 'p_holm', its
   Holm-adjusted p-value (`stats.holm`), and the summary lists the family
-  under 'family'.
+  under 'family'. `metrics` names the keys summarized (default: test
+  NDCG@10 and HR@10).
   """
   rows = {name: {} for name in runs}
   family = [(name, ref) for ref in ("none", "global") if ref in runs
             for name in runs
             if name != ref and (ref == "none" or name.startswith("cas"))]
-  for k in METRICS:
+  for k in metrics:
     for name, per_seed in runs.items():
       vals = [per_seed[s][k] for s in seeds]
       row = dict(zip(("mean", "std"), stats.mean_std(vals)), values=vals)
