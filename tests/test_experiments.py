@@ -103,6 +103,15 @@ def test_runners_end_to_end(make_config, tmp_path):
   assert len(cas["values"]) == 2 and all(v > 0 for v in cas["values"])
   base = summary["rows"]["none"]["test/ndcg@10"]["mean"]
   assert math.isclose(cas["pct_vs_none"], 100 * (cas["mean"] / base - 1))
+  # Every run's selected and last epoch, read back from its results.json.
+  assert [(r["run"], r["seed"]) for r in summary["runs"]] == [
+      (n, s) for s in (0, 1) for n in ("pretrain", "none", "cas")]
+  cas1 = json.load(open(tmp_path / "seed1" / "cas" / "results.json"))["cas"]
+  assert summary["runs"][-1]["selected_epoch"] == cas1["selected_epoch"]
+  assert summary["runs"][-1]["test/ndcg@10"] == cas1["test/ndcg@10"]
+  md = common.to_markdown(summary)
+  assert (f"| cas | 1 | {cas1['selected_epoch']} / {cas1['last_epoch']}"
+          in md)
   # Each seed pretrained once, and both methods continued from it.
   for seed in (0, 1):
     pre = json.load(open(tmp_path / f"seed{seed}" / "results.json"))

@@ -108,6 +108,51 @@ def summarize(runs: dict, seeds, metrics=METRICS) -> dict:
           "family": [f"{n} vs {r}" for n, r in family]}
 
 
+def run_log(workdir: str, seeds, variants: dict) -> list[dict]:
+  """One row per finished run, read back from its results.json.
+
+  Args:
+    variants: {name: overrides} as given to `run_variants` (the phase of a
+      variant is its 'adv.method', default `name`).
+
+  Returns:
+    [{'run': 'pretrain' or a variant name, 'seed', 'selected_epoch',
+      'last_epoch', 'stopped_early', 'valid/ndcg@10', 'test/ndcg@10',
+      'train_s'}] in the order seed, pretrain, variants; runs without a
+    results.json are left out.
+  """
+  keys = ("selected_epoch", "last_epoch", "stopped_early", "valid/ndcg@10",
+          "test/ndcg@10", "train_s")
+  rows = []
+  for s in seeds:
+    seed_dir = os.path.join(workdir, f"seed{s}")
+    runs = [("pretrain", seed_dir, "pretrain")] + [
+        (name, os.path.join(seed_dir, name), o.get("adv.method", name))
+        for name, o in variants.items()]
+    for name, folder, phase in runs:
+      path = os.path.join(folder, "results.json")
+      if not os.path.exists(path):
+        continue
+      with open(path) as f:
+        r = json.load(f).get(phase)
+      if r is not None:
+        rows.append({"run": name, "seed": s, **{k: r.get(k) for k in keys}})
+  return rows
+
+
+def runs_markdown(rows: list[dict]) -> str:
+  """The selected and the last epoch (early stop) of every run."""
+  lines = ["| run | seed | selected / last epoch | valid NDCG@10 | "
+           "test NDCG@10 | minutes |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    early = " (early stop)" if r["stopped_early"] else ""
+    minutes = f"{r['train_s'] / 60:.0f}" if r["train_s"] is not None else ""
+    lines.append(f"| {r['run']} | {r['seed']} | {r['selected_epoch']} / "
+                 f"{r['last_epoch']}{early} | {r['valid/ndcg@10']:.4f} | "
+                 f"{r['test/ndcg@10']:.4f} | {minutes} |")
+  return "\n".join(lines)
+
+
 def format_p(test: dict | None) -> str:
   """'0.012 (0.048)': raw and Holm-adjusted p; '*' when the adjusted p is at
   most 0.05; empty without a test or a spread (one seed)."""
@@ -139,7 +184,11 @@ def to_markdown(summary: dict) -> str:
   note = (f"\n\np: two-sided paired t-test over the seeds on NDCG@10; in "
           f"parentheses Holm-adjusted over the {len(family)} comparisons of "
           f"this table, * where the adjusted p <= 0.05." if family else "")
-  return "\n".join(lines) + note + f"\n\nseeds: {summary['seeds']}\n"
+  runs = (f"\n\nEvery run (epochs of its own phase; training time on "
+          f"this machine):\n\n{runs_markdown(summary['runs'])}"
+          if summary.get("runs") else "")
+  return ("\n".join(lines) + note + runs
+          + f"\n\nseeds: {summary['seeds']}\n")
 
 
 def write(workdir: str, stem: str, summary: dict) -> str:

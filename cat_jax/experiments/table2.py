@@ -18,7 +18,8 @@ continues from it (<workdir>/seed<k>/<method>). Writes <workdir>/table2.json
 and table2.md: mean and std over seeds, % vs `none` (the base model trained
 as long), and paired t-tests over seeds of every method against `none` and
 of the cascade methods (cas, cas_temporal, cas_cross) against `global`, with
-Holm-adjusted p-values over those comparisons (one family per metric).
+Holm-adjusted p-values over those comparisons (one family per metric);
+then every run's selected and last epoch (early stopping) and its time.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def run_table(config, workdir: str, seeds, methods, eps=None,
   summary = common.summarize(
       common.run_variants(config, workdir, seeds, variants, vectorize), seeds)
   summary["eps"] = {m: v["adv.eps"] for m, v in variants.items()}
+  summary["runs"] = common.run_log(workdir, seeds, variants)
   return summary
 
 
