@@ -60,6 +60,13 @@ def test_eps_sweep_variant_names():
   two = eps_sweep.variants(["cas", "global"], [1.0])
   assert list(two) == ["none", "cas_eps1", "global_eps1"]
   assert two["global_eps1"] == {"adv.method": "global", "adv.eps": 1.0}
+  # eps is chosen on validation alone; a tie goes to the smaller eps.
+  valid = {"cas_eps0.1": 0.05, "cas_eps1": 0.07, "cas_eps10": 0.06,
+           "global_eps0.1": 0.06, "global_eps1": 0.06, "global_eps10": 0.01}
+  assert eps_sweep.choose_eps(valid, ["cas", "global"], [10.0, 0.1, 1.0]) == {
+      "cas": 1.0, "global": 0.1}
+  batch = {"cas_eps3_batch": 0.02, "cas_eps10_batch": 0.03}
+  assert eps_sweep.choose_eps(batch, ["cas"], [3, 10], "batch") == {"cas": 10}
   # Scope 'batch' runs get their own names (and folders).
   assert list(eps_sweep.variants("cas", [10.0], "batch")) == [
       "none", "cas_eps10_batch"]
@@ -124,6 +131,13 @@ def test_runners_end_to_end(make_config, tmp_path):
   mtime = (tmp_path / "seed0" / "none" / "none" / "results.json").stat().st_mtime
   sweep = eps_sweep.run_sweep(config, w, [0], "cas", [0.25])
   assert set(sweep["rows"]) == {"none", "cas_eps0.25"}
+  none_valid = json.load(open(tmp_path / "seed0" / "none" / "results.json"))[
+      "none"]["valid/ndcg@10"]
+  assert sweep["valid"]["none"] == none_valid
+  assert sweep["chosen"] == {"cas": 0.25}
+  md = eps_sweep.to_markdown(sweep)
+  assert f"| {none_valid:.4f} |" in md.splitlines()[2]
+  assert "`--eps=cas=0.25`" in md
   assert (tmp_path / "seed0" / "none" / "none" /
           "results.json").stat().st_mtime == mtime
 

@@ -15,6 +15,8 @@ from cat_jax import stats, train
 from cat_jax.writer import is_chief
 
 METRICS = ("test/ndcg@10", "test/hr@10")
+# What selection reads (checkpoints, eps): never a test metric.
+SELECT = "valid/ndcg@10"
 
 
 def apply_overrides(config, overrides: dict):
@@ -40,7 +42,8 @@ def run_variants(config, workdir: str, seeds, variants: dict,
       files, far faster on an accelerator.
 
   Returns:
-    runs[name][seed] = {metric: test value} for the selected checkpoints.
+    runs[name][seed] = {metric: test value for METRICS, and SELECT: the
+    validation value} for the selected checkpoints.
   """
   seeds = list(seeds)
   seed_dirs = [os.path.join(workdir, f"seed{s}") for s in seeds]
@@ -71,7 +74,8 @@ def run_variants(config, workdir: str, seeds, variants: dict,
       c = apply_overrides(config, overrides)
       for seed, r in train_group(c, idx, name, c.adv.method,
                                  reuse=True).items():
-        runs[name][seed] = {k: r[c.adv.method][k] for k in METRICS}
+        runs[name][seed] = {k: r[c.adv.method][k]
+                            for k in METRICS + (SELECT,)}
   return runs
 
 
@@ -191,9 +195,12 @@ def to_markdown(summary: dict) -> str:
           + f"\n\nseeds: {summary['seeds']}\n")
 
 
-def write(workdir: str, stem: str, summary: dict) -> str:
-  """Writes <stem>.json and <stem>.md (process 0 only); returns the table."""
-  md = to_markdown(summary)
+def write(workdir: str, stem: str, summary: dict, markdown=None) -> str:
+  """Writes <stem>.json and <stem>.md (process 0 only); returns the table.
+
+  markdown: the summary's formatter (default `to_markdown`).
+  """
+  md = (markdown or to_markdown)(summary)
   if is_chief():
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, stem + ".json"), "w") as f:

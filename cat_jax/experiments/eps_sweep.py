@@ -9,6 +9,11 @@ long) and each method at every eps from it. Writes <workdir>/eps_sweep.json,
 eps_sweep.md and, with matplotlib, eps_sweep.png (one line per method).
 Runs that finished before are read back, so a sweep can be extended by
 calling it again with more eps or methods.
+
+The report gives each variant's validation NDCG@10 beside the test
+metrics, and the eps of each method chosen on validation alone (highest
+mean validation NDCG@10 over the seeds; on a tie the smaller eps), as the
+`--eps` value of `cat_jax.experiments.table2`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 
 from absl import app, flags, logging
 
-from cat_jax import writer
+from cat_jax import stats, writer
 from cat_jax.experiments import common
 
 
@@ -58,7 +63,46 @@ def run_sweep(config, workdir: str, seeds, methods, eps_values,
   summary["eps"] = [float(e) for e in eps_values]
   summary["methods"] = methods
   summary["scope"] = config.adv.scope
+  summary["valid"] = {name: stats.mean_std([per_seed[s][common.SELECT]
+                                            for s in seeds])[0]
+                      for name, per_seed in runs.items()}
+  summary["chosen"] = choose_eps(summary["valid"], methods,
+                                 summary["eps"], summary["scope"])
   return summary
+
+
+def choose_eps(valid: dict, methods, eps_values, scope: str = "row") -> dict:
+  """{method: eps with the highest validation value}; ties go to the
+  smaller eps (the weaker perturbation).
+
+  Args:
+    valid: {variant name: mean validation NDCG@10} (`variant_name`).
+  """
+  out = {}
+  for m in methods:
+    best = max(sorted(eps_values),
+               key=lambda e: (valid[variant_name(m, e, scope)], -e))
+    out[m] = best
+  return out
+
+
+def to_markdown(summary: dict) -> str:
+  """`common.to_markdown`, a validation column and the chosen eps."""
+  valid = summary["valid"]
+  lines = common.to_markdown(summary).splitlines()
+  out = []
+  for line in lines:
+    if line.startswith("| variant |"):
+      line += " valid NDCG@10 |"
+    elif line.startswith("|---"):
+      line += "---|"
+    elif line.startswith("| "):
+      name = line[2:].split(" |")[0].split(" (eps")[0]
+      line += f" {valid[name]:.4f} |"
+    out.append(line)
+  chosen = ",".join(f"{m}={e:g}" for m, e in summary["chosen"].items())
+  return ("\n".join(out) + f"\nChosen on validation NDCG@10 "
+          f"(scope {summary['scope']}): `--eps={chosen}`\n")
 
 
 def plot(summary: dict, path: str) -> bool:
@@ -95,7 +139,7 @@ def main(argv):
                       methods, common.split_list(F.eps, float), F.vectorize)
   stem = "eps_sweep" + ("" if summary["scope"] == "row" else
                         f"_{summary['scope']}")
-  md = common.write(F.workdir, stem, summary)
+  md = common.write(F.workdir, stem, summary, to_markdown)
   plot(summary, os.path.join(F.workdir, stem + ".png"))
   print(md)
 
