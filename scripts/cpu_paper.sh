@@ -23,6 +23,8 @@
 #                      ('pretrain,none/none,cas/cas')
 #   robustness_report [SEEDS]   Fig. 5/6 over seeds (mean ± std, paired
 #                      t-tests) of the robustness results of every seed
+#   chosen             prints the eps chosen on validation by `grid` as the
+#                      EPS of `table` (the ablation takes cas's eps)
 # Runs go to $RUNS/paper_<setting> (default RUNS=runs); every stage resumes
 # from checkpoints and reads finished runs back, so a stage can be run again
 # to complete or extend it. Pin it to a core with `taskset -c N`.
@@ -68,5 +70,18 @@ case $stage in
   robustness_report)
     python -m cat_jax.experiments.robustness_report --workdir=$w \
         --seeds=${arg:-0,1,2} --mode=minimal ;;
+  chosen)
+    python - "$w/eps_sweep.json" <<'PY'
+import json, sys
+try:
+  chosen = json.load(open(sys.argv[1]))["chosen"]
+except (OSError, KeyError):
+  sys.exit(f"{sys.argv[1]}: no eps chosen yet; run (or rerun, it reads the "
+           "finished runs back) the `grid` stage first.")
+chosen.update({m: chosen["cas"] for m in ("cas_temporal", "cas_cross")
+               if "cas" in chosen})
+print(",".join(f"{m}={e:g}" for m, e in chosen.items()))
+PY
+    ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -14,12 +14,16 @@
 #        # the paper-budget Table 2 + ablation of one setting, 3 seeds trained
 #        # together (scripts/cpu_paper.sh table with VECTORIZE=1); EPS as in
 #        # RESULTS.md's status table, e.g. linear=0.1,seq=0.1,global=0.1,...
+#   bash scripts/gpu_session.sh setting gru4rec_beauty
+#        # one setting end to end: seed 0's phase 1 and eps grid, the eps
+#        # chosen on validation, Table 2 + ablation (seeds vectorized), Fig.
+#        # 5/6 of none/global/cas for each seed and their 3-seed report
 #   bash scripts/gpu_session.sh bf16        # ~3 min: bf16 vs fp32 NDCG@10
 # Timing numbers use the machine's own JAX (CUDA plugin); nothing is
 # installed from the network. Keep each call inside the session's 15 minutes
 # of device time: run `bench` first, then as many table2 settings as fit.
 set -uo pipefail
-mode=${1:?usage: gpu_session.sh bench|table2 SETTING EPS|bf16}; shift
+mode=${1:?usage: gpu_session.sh bench|table2 SETTING EPS|setting SETTING|bf16}; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -49,6 +53,19 @@ case $mode in
     setting=${1:?setting, e.g. sasrec_video}; eps=${2:?eps per method}
     RUNS=$work VECTORIZE=1 bash scripts/cpu_paper.sh "$setting" table "$eps" \
         > "$OUT/table2_$setting.log" 2>&1
+    keep
+    ;;
+  setting)
+    setting=${1:?setting, e.g. gru4rec_beauty}; p="bash scripts/cpu_paper.sh"
+    export RUNS=$work
+    $p "$setting" grid > "$OUT/grid_$setting.log" 2>&1
+    if eps=$($p "$setting" chosen 2>> "$OUT/grid_$setting.log"); then
+      VECTORIZE=1 $p "$setting" table "$eps" > "$OUT/table2_$setting.log" 2>&1
+      for s in 0 1 2; do
+        $p "$setting" robustness pretrain,none/none,global/global,cas/cas $s
+      done > "$OUT/robustness_$setting.log" 2>&1
+      $p "$setting" robustness_report 0,1,2 >> "$OUT/robustness_$setting.log" 2>&1
+    fi
     keep
     ;;
   bf16)
