@@ -23,8 +23,10 @@
 #                      ('pretrain,none/none,cas/cas')
 #   robustness_report [SEEDS]   Fig. 5/6 over seeds (mean ± std, paired
 #                      t-tests) of the robustness results of every seed
-#   chosen             prints the eps chosen on validation by `grid` as the
-#                      EPS of `table` (the ablation takes cas's eps)
+#   chosen             prints the eps chosen on validation by every finished
+#                      row-scope `grid` run of seed 0 (all calls, subsets and
+#                      extensions together) as the EPS of `table` (the
+#                      ablation takes cas's eps)
 # Runs go to $RUNS/paper_<setting> (default RUNS=runs); every stage resumes
 # from checkpoints and reads finished runs back, so a stage can be run again
 # to complete or extend it. Pin it to a core with `taskset -c N`.
@@ -71,13 +73,16 @@ case $stage in
     python -m cat_jax.experiments.robustness_report --workdir=$w \
         --seeds=${arg:-0,1,2} --mode=minimal ;;
   chosen)
-    python - "$w/eps_sweep.json" <<'PY'
-import json, sys
+    python - "$w" <<'PY'
+import sys
+from cat_jax.experiments import eps_sweep
 try:
-  chosen = json.load(open(sys.argv[1]))["chosen"]
-except (OSError, KeyError):
-  sys.exit(f"{sys.argv[1]}: no eps chosen yet; run (or rerun, it reads the "
-           "finished runs back) the `grid` stage first.")
+  chosen = eps_sweep.chosen_on_disk(sys.argv[1])
+except FileNotFoundError:
+  chosen = {}
+if not chosen:
+  sys.exit(f"{sys.argv[1]}/seed0: no finished eps grid run; run the `grid` "
+           "stage first.")
 chosen.update({m: chosen["cas"] for m in ("cas_temporal", "cas_cross")
                if "cas" in chosen})
 print(",".join(f"{m}={e:g}" for m, e in chosen.items()))

@@ -76,6 +76,31 @@ def test_eps_sweep_variant_names():
       eps_sweep.variants(bad, [1.0])
 
 
+def test_eps_chosen_on_disk_reads_every_finished_grid_run(tmp_path):
+  """The choice covers runs of several sweep calls; unfinished runs, other
+  scopes and `none` do not count."""
+  def put(seed, name, method, valid):
+    d = tmp_path / f"seed{seed}" / name
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(
+        {method: {"valid/ndcg@10": valid}}))
+  for seed, bonus in ((0, 0.0), (1, 0.001)):
+    put(seed, "cas_eps0.1", "cas", 0.05 + bonus)
+    put(seed, "cas_eps1", "cas", 0.07 + bonus)
+    put(seed, "global_eps0.5", "global", 0.06 + bonus)
+    put(seed, "cas_temporal_eps0.2", "cas_temporal", 0.04 + bonus)
+    put(seed, "cas_eps10_batch", "cas", 0.09 + bonus)
+    put(seed, "none", "none", 0.1)
+  put(0, "global_eps2", "global", 0.08)  # not finished in seed 1
+  (tmp_path / "seed0" / "linear_eps0.5").mkdir()  # no results.json
+  assert eps_sweep.chosen_on_disk(str(tmp_path)) == {
+      "cas": 1.0, "cas_temporal": 0.2, "global": 2.0}
+  assert eps_sweep.chosen_on_disk(str(tmp_path), seeds=(0, 1)) == {
+      "cas": 1.0, "cas_temporal": 0.2, "global": 0.5}
+  assert eps_sweep.chosen_on_disk(str(tmp_path), scope="batch") == {
+      "cas": 10.0}
+
+
 def test_eps_sweep_plot_one_line_per_method(tmp_path, monkeypatch):
   pytest.importorskip("matplotlib")
   labels = []

@@ -13,12 +13,16 @@ calling it again with more eps or methods.
 The report gives each variant's validation NDCG@10 beside the test
 metrics, and the eps of each method chosen on validation alone (highest
 mean validation NDCG@10 over the seeds; on a tie the smaller eps), as the
-`--eps` value of `cat_jax.experiments.table2`.
+`--eps` value of `cat_jax.experiments.table2`. `chosen_on_disk` makes the
+same choice over every finished sweep run of a workdir, whichever calls
+trained them (`scripts/cpu_paper.sh SETTING chosen`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 from absl import app, flags, logging
 
@@ -80,9 +84,45 @@ def choose_eps(valid: dict, methods, eps_values, scope: str = "row") -> dict:
   """
   out = {}
   for m in methods:
-    best = max(sorted(eps_values),
-               key=lambda e: (valid[variant_name(m, e, scope)], -e))
-    out[m] = best
+    tried = [e for e in sorted(eps_values) if variant_name(m, e, scope) in valid]
+    if tried:
+      out[m] = max(tried, key=lambda e: (valid[variant_name(m, e, scope)], -e))
+  return out
+
+
+def chosen_on_disk(workdir: str, seeds=(0,), scope: str = "row") -> dict:
+  """`choose_eps` over every finished sweep run in <workdir>/seed<k>/.
+
+  Several sweep calls (a method subset per core, an extended grid) each
+  write eps_sweep.json with their own runs only; this reads all of them
+  back: a variant counts when every seed has its results.json.
+
+  Returns:
+    {method: eps} (methods in name order).
+  """
+  pattern = re.compile(r"^(?P<m>[a-z_]+?)_eps(?P<e>[0-9.e+-]+)"
+                       + ("" if scope == "row" else f"_{scope}") + "$")
+  valid, eps = {}, {}
+  for name in sorted(os.listdir(os.path.join(workdir, f"seed{seeds[0]}"))):
+    hit = pattern.match(name)
+    if not hit or hit["m"] == "none":
+      continue
+    vals = []
+    for s in seeds:
+      path = os.path.join(workdir, f"seed{s}", name, "results.json")
+      if not os.path.exists(path):
+        break
+      with open(path) as f:
+        r = json.load(f).get(hit["m"])
+      if r is None:
+        break
+      vals.append(r[common.SELECT])
+    else:
+      valid[name] = sum(vals) / len(vals)
+      eps.setdefault(hit["m"], []).append(float(hit["e"]))
+  out = {}
+  for m, values in sorted(eps.items()):
+    out.update(choose_eps(valid, [m], values, scope))
   return out
 
 
