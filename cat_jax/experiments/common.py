@@ -169,10 +169,14 @@ def format_p(test: dict | None) -> str:
   return out
 
 
-def to_markdown(summary: dict) -> str:
-  """The paper's Table 2 layout: mean ± std, % vs none, p-values."""
+def to_markdown(summary: dict, extra=None) -> str:
+  """The paper's Table 2 layout: mean ± std, % vs none, p-values.
+
+  extra: optional (header, {variant: cell}), one more column at the right.
+  """
   head = ("| variant | NDCG@10 | % vs none | p vs none | p vs global | HR@10 |"
-          " % vs none |\n|---|---|---|---|---|---|---|")
+          " % vs none |" + (f" {extra[0]} |" if extra else "")
+          + "\n|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
   lines = [head]
   eps = summary.get("eps", {})
   for name, row in summary["rows"].items():
@@ -183,7 +187,8 @@ def to_markdown(summary: dict) -> str:
         f"| {label} | {n['mean']:.4f} ± {n['std']:.4f} | "
         f"{n.get('pct_vs_none', 0.0):+.1f}% | {format_p(n.get('vs_none'))} | "
         f"{format_p(n.get('vs_global'))} | {h['mean']:.4f} ± {h['std']:.4f} | "
-        f"{h.get('pct_vs_none', 0.0):+.1f}% |")
+        f"{h.get('pct_vs_none', 0.0):+.1f}% |"
+        + (f" {extra[1][name]} |" if extra else ""))
   family = summary.get("family", [])
   note = (f"\n\np: two-sided paired t-test over the seeds on NDCG@10; in "
           f"parentheses Holm-adjusted over the {len(family)} comparisons of "

@@ -105,7 +105,7 @@ def chosen_on_disk(workdir: str, seeds=(0,), scope: str = "row") -> dict:
   valid, eps = {}, {}
   for name in sorted(os.listdir(os.path.join(workdir, f"seed{seeds[0]}"))):
     hit = pattern.match(name)
-    if not hit or hit["m"] == "none":
+    if not hit:
       continue
     vals = []
     for s in seeds:
@@ -119,30 +119,19 @@ def chosen_on_disk(workdir: str, seeds=(0,), scope: str = "row") -> dict:
       vals.append(r[common.SELECT])
     else:
       valid[name] = sum(vals) / len(vals)
-      eps.setdefault(hit["m"], []).append(float(hit["e"]))
-  out = {}
-  for m, values in sorted(eps.items()):
-    out.update(choose_eps(valid, [m], values, scope))
-  return out
+      eps.setdefault(hit["m"], set()).add(float(hit["e"]))
+  # choose_eps skips the (method, eps) pairs that have no finished run.
+  return choose_eps(valid, sorted(eps), sorted(set().union(*eps.values())),
+                    scope) if eps else {}
 
 
 def to_markdown(summary: dict) -> str:
-  """`common.to_markdown`, a validation column and the chosen eps."""
-  valid = summary["valid"]
-  lines = common.to_markdown(summary).splitlines()
-  out = []
-  for line in lines:
-    if line.startswith("| variant |"):
-      line += " valid NDCG@10 |"
-    elif line.startswith("|---"):
-      line += "---|"
-    elif line.startswith("| "):
-      name = line[2:].split(" |")[0].split(" (eps")[0]
-      line += f" {valid[name]:.4f} |"
-    out.append(line)
+  """`common.to_markdown` with a validation column, and the chosen eps."""
+  valid = {name: f"{v:.4f}" for name, v in summary["valid"].items()}
   chosen = ",".join(f"{m}={e:g}" for m, e in summary["chosen"].items())
-  return ("\n".join(out) + f"\nChosen on validation NDCG@10 "
-          f"(scope {summary['scope']}): `--eps={chosen}`\n")
+  return (common.to_markdown(summary, ("valid NDCG@10", valid))
+          + f"Chosen on validation NDCG@10 (scope {summary['scope']}): "
+          f"`--eps={chosen}`\n")
 
 
 def plot(summary: dict, path: str) -> bool:
