@@ -18,7 +18,8 @@
 #   table EPS [SEEDS]  Table 2: none, linear, seq, global, cas (+ cascade
 #                      ablation) at EPS ('linear=0.1,seq=0.1,...'), phase 2
 #                      up to 100 epochs, early stop after 4 evaluations (20
-#                      epochs) without improvement
+#                      epochs) without improvement (METHODS=none,global,cas
+#                      runs a subset first; a later full call reuses them)
 #   robustness PHASES SEED   Fig. 5/6, minimal attack, of trained phases
 #                      ('pretrain,none/none,cas/cas')
 #   robustness_report [SEEDS]   Fig. 5/6 over seeds (mean ± std, paired
@@ -62,7 +63,7 @@ case $stage in
   table)
     python -m cat_jax.experiments.table2 --config=$cfg --workdir=$w \
         --seeds=${arg2:-0,1,2} --eps=${arg:?eps per method} ${VECTORIZE:+--vectorize} \
-        --methods=none,linear,seq,global,cas,cas_temporal,cas_cross \
+        --methods=${METHODS:-none,linear,seq,global,cas,cas_temporal,cas_cross} \
         --config.adv.epochs=100 --config.adv.eval_every=5 \
         --config.adv.patience=4 "${base[@]}" ;;
   robustness)
