@@ -10,6 +10,11 @@ Positions (Fig. 5: one item; Fig. 6: the last K items):
             number of real items (the lower middle when L is even),
   last      the last K positions (K = 1 for the single-item attack).
 Positions beyond the real items (windows shorter than K) are left alone.
+With anchor 'window' (not the default), 'first' and 'middle' are instead the
+fixed positions 0 and (T - 1) // 2 of the T-wide left-padded input window,
+attacked only where they hold a real item: a reading of Fig. 5 in which
+"the first item" is the first input slot, so that the many users with fewer
+than T (or T/2) items keep their input unchanged and count with a zero drop.
 
 Replacements (mode). g = d/de [-log s(<W_T, E_target>)] is the gradient of
 the target's BCE ranking loss at the replaced item's embedding e, taken at
@@ -57,6 +62,8 @@ import numpy as np
 from cat_jax import adversarial, batching, evaluate
 
 POSITIONS = ("first", "middle", "last")
+# What 'first' and 'middle' are counted from (module docstring).
+ANCHORS = ("items", "window")
 MODES = ("minimal", "cosine", "step", "snap", "random")
 # Older names of the modes, still accepted (RESULTS.md's commands use them).
 MODE_ALIASES = {"gradient": "step"}
@@ -73,14 +80,19 @@ def resolve_mode(mode: str) -> str:
   return mode
 
 
-def attack_positions(inputs: jax.Array, where: str,
-                     k: int = 1) -> tuple[jax.Array, jax.Array]:
+def attack_positions(inputs: jax.Array, where: str, k: int = 1,
+                     window: int | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
   """Window positions to replace, for left-padded windows.
 
   Args:
     inputs: [B, T] int, left-padded windows (0 = padding).
     where: 'first', 'middle' or 'last' (see the module docstring).
     k: number of positions; only 'last' takes k > 1.
+    window: None (anchor 'items': 'first'/'middle' of the real items), or
+      the width W >= T of the full input window whose last T columns
+      `inputs` are (anchor 'window'; W = T without length buckets):
+      'first'/'middle' are then its fixed positions 0 and (W - 1) // 2.
 
   Returns:
     (positions [B, k] int32 in 0..T-1, valid [B, k] bool). A position is
@@ -94,8 +106,18 @@ def attack_positions(inputs: jax.Array, where: str,
   if k > 1 and where != "last":
     raise ValueError(f"Only 'last' replaces several items, got {where!r}, "
                      f"k={k}.")
+  if window is not None and window < T:
+    raise ValueError(f"window ({window}) must be at least the width of the "
+                     f"inputs ({T}).")
   length = jnp.sum(inputs > 0, axis=1, dtype=jnp.int32)
   start = T - length  # left padding: the real items are [T - L, T)
+  if window is not None and where != "last":
+    # The full window's slot, in the columns of `inputs` (negative when it
+    # lies in the columns a length bucket cut off, which hold padding).
+    slot = (0 if where == "first" else (window - 1) // 2) - (window - T)
+    pos = jnp.full((inputs.shape[0], 1), slot, jnp.int32)
+    valid = (pos >= start[:, None]) & (length[:, None] > 0)
+    return jnp.clip(pos, 0, T - 1), valid
   if where == "first":
     pos = start[:, None]
   elif where == "middle":
@@ -420,7 +442,8 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
                         mode: str = "minimal", alpha=None,
                         batch_size: int = 256, ks: Sequence[int] = (10,),
                         rng=None, split: str = "test",
-                        plan: batching.EvalPlan | None = None) -> dict:
+                        plan: batching.EvalPlan | None = None,
+                        anchor: str = "items") -> dict:
   """Clean and attacked full-ranking metrics, and their relative drops.
 
   Args:
@@ -441,10 +464,13 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
       attack and ranking run each bucket on its last T_b columns. Modes
       other than 'random' give the same result as without (each row is
       attacked on its own); 'random' draws per batch, so other items.
+    anchor: 'items' (default: 'first'/'middle' of each window's real items)
+      or 'window' (the fixed slots 0 and (T - 1) // 2 of the input window;
+      module docstring).
 
   Returns:
     {"mode" (as resolved), "alpha" (float for 'step'/'snap', else None),
-     "split", "clean": evaluate.summarize dict,
+     "split", "anchor", "clean": evaluate.summarize dict,
      "attacks": {name: summarize dict + "<metric>_drop" for ndcg@K, hr@K and
      mrr, + "replaced" (mean items replaced per user) + the medians of
      `replacement_stats`}}, with names
@@ -452,6 +478,8 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
     clean evaluation; the replacement items are not added to them.
   """
   mode = resolve_mode(mode)
+  if anchor not in ANCHORS:
+    raise ValueError(f"Unknown anchor {anchor!r}; choose one of {ANCHORS}.")
   if mode == "random" and rng is None:
     raise ValueError("mode='random' needs an explicit rng key.")
   rng = jax.random.PRNGKey(0) if rng is None else rng  # used by 'random'
@@ -486,7 +514,8 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
       # A window of bucket t has at most t real items, so the last k > t
       # positions of the full window hold padding that is never replaced.
       sub = inputs[rows, T - t:]
-      pos, valid = attack_positions(sub, where, min(k, t))
+      pos, valid = attack_positions(sub, where, min(k, t),
+                                    T if anchor == "window" else None)
       key = jax.random.fold_in(rng, i)
       sub = attack(params, sub, targets[rows], users[rows], extra[rows],
                    history, pos, valid, step,
@@ -500,5 +529,5 @@ def evaluate_robustness(model, params, data: dict, num_items: int, *,
                                np.asarray(attacked)[changed]))
     out[name] = s
   return {"mode": mode, "alpha": None if alpha is None else float(alpha),
-          "split": split,
+          "split": split, "anchor": anchor,
           "clean": clean, "attacks": out}

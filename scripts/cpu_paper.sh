@@ -21,7 +21,9 @@
 #                      epochs) without improvement (METHODS=none,global,cas
 #                      runs a subset first; a later full call reuses them)
 #   robustness PHASES SEED   Fig. 5/6, minimal attack, of trained phases
-#                      ('pretrain,none/none,cas/cas')
+#                      ('pretrain,none/none,cas/cas'); ANCHOR=window
+#                      attacks the fixed window slots 0 and (T-1)//2 as
+#                      first/middle (robustness_minimal_window.json)
 #   robustness_report [SEEDS]   Fig. 5/6 over seeds (mean ± std, paired
 #                      t-tests) of the robustness results of every seed
 #   chosen             prints the eps chosen on validation by every finished
@@ -69,10 +71,10 @@ case $stage in
   robustness)
     python -m cat_jax.experiments.robustness --config=$cfg \
         --workdir=$w/seed${arg2:-0} --phases=${arg:?phases} --mode=minimal \
-        "${base[@]}" ;;
+        --anchor=${ANCHOR:-items} "${base[@]}" ;;
   robustness_report)
     python -m cat_jax.experiments.robustness_report --workdir=$w \
-        --seeds=${arg:-0,1,2} --mode=minimal ;;
+        --seeds=${arg:-0,1,2} --mode=minimal --anchor=${ANCHOR:-items} ;;
   chosen)
     python - "$w" <<'PY'
 import sys

@@ -191,6 +191,9 @@ def test_runners_end_to_end(make_config, tmp_path):
   assert snap["attacks"]["last"]["ndcg@10_drop"] == 0
   assert robustness_runner.output_stem("snap", None, 0.5) == (
       "robustness_snap_x0.5")
+  assert robustness_runner.output_stem("minimal", anchor="window") == (
+      "robustness_minimal_window")
+  assert robustness_runner.output_stem("minimal") == "robustness_minimal"
   with pytest.raises(ValueError, match="not both"):
     robustness_runner.run(config, str(tmp_path / "seed0"), ["pretrain"],
                           "snap", alpha=1.0, alpha_scale=1.0)

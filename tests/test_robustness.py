@@ -98,6 +98,34 @@ def test_positions_resolve_for_left_padded_windows():
                                                                 k))
     for b in range(len(inputs)):
       assert sorted(p[b][v[b]]) == reference_positions(inputs[b], where, k)
+  # Anchor 'window': the fixed slots 0 and (6 - 1) // 2 = 2, where real.
+  p, v = (np.asarray(a) for a in
+          robustness.attack_positions(windows, "first", 1, 6))
+  np.testing.assert_array_equal(v[:, 0], [0, 1, 0, 0, 0])
+  assert p[1, 0] == 0
+  p, v = (np.asarray(a) for a in
+          robustness.attack_positions(windows, "middle", 1, 6))
+  np.testing.assert_array_equal(v[:, 0], [1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(p[:2, 0], [2, 2])
+  # A length bucket holds the last 4 columns: slot 0 was cut off, slot 2
+  # is its column 0.
+  short = windows[jnp.array([0, 2, 3, 4])][:, 2:]
+  p, v = (np.asarray(a) for a in
+          robustness.attack_positions(short, "first", 1, 6))
+  assert not v.any()
+  p, v = (np.asarray(a) for a in
+          robustness.attack_positions(short, "middle", 1, 6))
+  np.testing.assert_array_equal(v[:, 0], [1, 0, 0, 0])
+  assert p[0, 0] == 0
+  for where in ("first", "middle"):
+    slot = 0 if where == "first" else (T - 1) // 2
+    p, v = (np.asarray(a) for a in
+            robustness.attack_positions(inputs, where, 1, T))
+    for b in range(len(inputs)):
+      want = [slot] if inputs[b][slot] > 0 else []
+      assert list(p[b][v[b]]) == want
+  with pytest.raises(ValueError, match="at least the width"):
+    robustness.attack_positions(windows, "first", 1, 5)
   with pytest.raises(ValueError, match="Unknown position"):
     robustness.attack_positions(windows, "end")
   with pytest.raises(ValueError, match="Only 'last'"):
@@ -503,6 +531,24 @@ def test_bucketed_attack_equals_the_full_window_attack(trained):
   part = robustness.evaluate_robustness(model, params, data, num_items,
                                         plan=plan, **kw)
   assert part == full
+  # Anchor 'window': the middle slot (T - 1) // 2 of the 12-wide window,
+  # attacked only in the windows where it holds a real item.
+  kw = dict(positions=("middle",), last_k=(), batch_size=100,
+            anchor="window")
+  full = robustness.evaluate_robustness(model, params, data, num_items, **kw)
+  part = robustness.evaluate_robustness(model, params, data, num_items,
+                                        plan=plan, **kw)
+  assert part == full and full["anchor"] == "window"
+  slot = (data["test_inputs"].shape[1] - 1) // 2
+  real = np.asarray(data["test_inputs"])[:, slot] > 0
+  assert 0 < real.mean() < 1  # some windows are too short to be attacked
+  # Each window with a real item there loses it (the gradient rule finds a
+  # replacement for all but a few), none of the others changes.
+  assert 0.9 * real.mean() <= full["attacks"]["middle"]["replaced"] \
+      <= real.mean()
+  with pytest.raises(ValueError, match="Unknown anchor"):
+    robustness.evaluate_robustness(model, params, data, num_items,
+                                   **{**kw, "anchor": "slot"})
 
 
 def test_cosine_mode_is_nearness_in_angle_not_distance():

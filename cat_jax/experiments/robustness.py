@@ -18,6 +18,11 @@ size --alpha; called `gradient` before, which is still accepted), `snap` (as
 or `random`. The step is --alpha, or --alpha_scale times the median
 nearest-neighbour distance of each model's item table (default 1); with
 either flag the output name carries it (robustness_snap_x0.5.json).
+
+--anchor=window replaces the fixed slots 0 and (T - 1) // 2 of the padded
+input window as 'first' and 'middle' instead of the first and middle real
+items (`cat_jax.robustness`; a reading of Fig. 5 under which short windows
+are not attacked there); the output name ends in '_window'.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from cat_jax import writer
 from cat_jax.experiments import common
 
 def run(config, workdir: str, phases, mode: str, alpha=None,
-        seed: int = 0, alpha_scale=None, last_k=(1, 2, 3, 4, 5)) -> dict:
+        seed: int = 0, alpha_scale=None, last_k=(1, 2, 3, 4, 5),
+        anchor: str = "items") -> dict:
   """{entry: evaluate_robustness(...)} for each finished phase.
 
   An entry is a phase name ('pretrain', 'cas') or 'subdir/phase' for a
@@ -41,6 +47,7 @@ def run(config, workdir: str, phases, mode: str, alpha=None,
   'cas/cas'). alpha_scale (modes 'step'/'snap', exclusive with alpha): the
   step is this multiple of the model's median nearest-neighbour distance.
   last_k: K values of the last-K attack (Fig. 6; () runs Fig. 5 only).
+  anchor: 'items' or 'window' (`robustness.evaluate_robustness`).
   """
   if alpha is not None and alpha_scale is not None:
     raise ValueError("Give --alpha or --alpha_scale, not both.")
@@ -59,18 +66,23 @@ def run(config, workdir: str, phases, mode: str, alpha=None,
         model, params, data, num_items, mode=mode,
         alpha=step, last_k=tuple(last_k),
         batch_size=config.eval.batch_size,
-        ks=tuple(config.eval.ks), rng=jax.random.PRNGKey(seed), plan=plan)
+        ks=tuple(config.eval.ks), rng=jax.random.PRNGKey(seed), plan=plan,
+        anchor=anchor)
   return out
 
 
-def output_stem(mode: str, alpha=None, alpha_scale=None) -> str:
+def output_stem(mode: str, alpha=None, alpha_scale=None,
+                anchor: str = "items") -> str:
   """'robustness_<mode>', with '_a<alpha>' or '_x<scale>' when given, so
-  that a sweep over step sizes keeps every result."""
+  that a sweep over step sizes keeps every result, and '_window' for
+  anchor 'window'."""
   stem = f"robustness_{mode}"
   if alpha is not None:
     stem += f"_a{alpha:g}"
   if alpha_scale is not None:
     stem += f"_x{alpha_scale:g}"
+  if anchor != "items":
+    stem += f"_{anchor}"
   return stem
 
 
@@ -110,12 +122,12 @@ def main(argv):
   try:
     results = run(F.config, F.workdir, common.split_list(F.phases), F.mode,
                   F.alpha, F.seed, F.alpha_scale,
-                  common.split_list(F.last_k, int))
+                  common.split_list(F.last_k, int), F.anchor)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if writer.is_chief():
     path = os.path.join(F.workdir, output_stem(F.mode, F.alpha,
-                                               F.alpha_scale))
+                                               F.alpha_scale, F.anchor))
     with open(path + ".json", "w") as f:
       json.dump(results, f, indent=1)
     plot(results, path + ".png")
@@ -154,6 +166,11 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "Seed of the random replacements.")
   flags.DEFINE_string("last_k", "1,2,3,4,5", "Comma-separated K of the "
                       "last-K attack (Fig. 6); empty for Fig. 5 only.")
+  flags.DEFINE_enum("anchor", "items", robustness.ANCHORS,
+                    "'items': first/middle are the first and middle real "
+                    "items of each window; 'window': the fixed slots 0 and "
+                    "(T-1)//2 of the padded input window (only where they "
+                    "hold a real item).")
 
 
 if __name__ == "__main__":

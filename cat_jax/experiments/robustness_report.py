@@ -151,7 +151,7 @@ def main(argv):
   writer.quiet_library_logs()
   F = flags.FLAGS
   seeds = common.split_list(F.seeds, int)
-  stem = runner.output_stem(F.mode, F.alpha, F.alpha_scale)
+  stem = runner.output_stem(F.mode, F.alpha, F.alpha_scale, F.anchor)
   try:
     summary = summarize(load(F.workdir, seeds, stem), seeds)
   except (FileNotFoundError, ValueError) as e:
@@ -174,6 +174,8 @@ def define_flags():
                     "Attack whose results are read (robustness_<mode>.json).")
   flags.DEFINE_float("alpha", None, "As given to the runner, if it was.")
   flags.DEFINE_float("alpha_scale", None, "As given to the runner, if it was.")
+  flags.DEFINE_enum("anchor", "items", robustness.ANCHORS,
+                    "As given to the runner.")
 
 
 if __name__ == "__main__":
