@@ -7,6 +7,10 @@ import tempfile
 
 # Fake devices for the sharding tests; must be set before JAX starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite is a CPU suite (the fake devices above), and on a GPU machine
+# several pytest-xdist workers would each preallocate most of its memory.
+# JAX_PLATFORMS=cuda pytest -n 0 runs it on the GPU instead.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Many tests compile the same small programs (each train_and_evaluate builds
 # fresh closures, and the command-line tests start new processes), and
