@@ -183,8 +183,9 @@ PAPER_DATASETS = {"video": ("Video.txt", 50), "beauty": ("Beauty.txt", 50),
 # 21% of test NDCG@10 even spread over the whole batch (scope 'batch'), and
 # linear at eps = 1 11% (RESULTS.md, "eps grid"): pass --config.adv.eps=10
 # to see it. The Video settings come from their paper-budget grids
-# (`scripts/cpu_paper.sh SETTING chosen`; Video GRU4Rec's seq never beats
-# none on validation, 0.1 is its least harmful value); the Beauty settings
+# (`scripts/cpu_paper.sh SETTING chosen`; Video GRU4Rec's grid ran on an
+# early-stopped phase 1 and runs again on the 500-epoch one; its seq never
+# beats none on validation, 0.1 is its least harmful value); the Beauty settings
 # from the short-training grids of sessions 1-5 (old level 1) until their
 # paper-budget grids have run. ML-1M
 # has no grid: it takes its model's Video values. The cascade ablations take
