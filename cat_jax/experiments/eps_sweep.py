@@ -162,10 +162,13 @@ def main(argv):
   F = flags.FLAGS
   try:
     methods = as_methods(common.split_list(F.method))
+    # A workdir mismatch (checkpoints.WorkdirMismatch, e.g. a `none` run
+    # that table2 trained on past the sweep's adv.epochs) is a ValueError.
+    summary = run_sweep(F.config, F.workdir, common.split_list(F.seeds, int),
+                        methods, common.split_list(F.eps, float),
+                        F.vectorize)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  summary = run_sweep(F.config, F.workdir, common.split_list(F.seeds, int),
-                      methods, common.split_list(F.eps, float), F.vectorize)
   stem = "eps_sweep" + ("" if summary["scope"] == "row" else
                         f"_{summary['scope']}")
   md = common.write(F.workdir, stem, summary, to_markdown)
