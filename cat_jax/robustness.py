@@ -115,9 +115,9 @@ def attack_positions(inputs: jax.Array, where: str, k: int = 1,
     # The full window's slot, in the columns of `inputs` (negative when it
     # lies in the columns a length bucket cut off, which hold padding).
     slot = (0 if where == "first" else (window - 1) // 2) - (window - T)
+    # slot <= T - 1, so slot >= start implies a non-empty window.
     pos = jnp.full((inputs.shape[0], 1), slot, jnp.int32)
-    valid = (pos >= start[:, None]) & (length[:, None] > 0)
-    return jnp.clip(pos, 0, T - 1), valid
+    return jnp.clip(pos, 0, T - 1), pos >= start[:, None]
   if where == "first":
     pos = start[:, None]
   elif where == "middle":
