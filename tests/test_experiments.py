@@ -152,19 +152,28 @@ def test_runners_end_to_end(make_config, tmp_path):
       assert (tmp_path / f"seed{seed}" / m / m / "results.json").exists()
       assert not (tmp_path / f"seed{seed}" / m / "pretrain").exists()
 
-  # The eps sweep reuses seed 0's pretraining and its `none` run.
-  mtime = (tmp_path / "seed0" / "none" / "none" / "results.json").stat().st_mtime
-  sweep = eps_sweep.run_sweep(config, w, [0], "cas", [0.25])
+  # The eps sweep reuses seed 0's pretraining, and trains its reference
+  # `none` in its own folder with its own phase-2 budget: table2's `none`
+  # is neither continued nor refused (they shared seed0/none before).
+  table_none = tmp_path / "seed0" / "none" / "results.json"
+  mtime = table_none.stat().st_mtime
+  sweep_config = make_config(**{"train.epochs": 2, "train.eval_every": 2,
+                                "adv.epochs": 2, "adv.eps": 0.5,
+                                "model.name": "gru4rec"})
+  sweep = eps_sweep.run_sweep(sweep_config, w, [0], "cas", [0.25])
   assert set(sweep["rows"]) == {"none", "cas_eps0.25"}
-  none_valid = json.load(open(tmp_path / "seed0" / "none" / "results.json"))[
-      "none"]["valid/ndcg@10"]
-  assert sweep["valid"]["none"] == none_valid
+  ref = json.load(open(tmp_path / "seed0" / eps_sweep.REFERENCE_FOLDER /
+                       "results.json"))["none"]
+  assert ref["last_epoch"] == 2  # the sweep's phase-2 epochs
+  assert sweep["valid"]["none"] == ref["valid/ndcg@10"]
   assert sweep["chosen"] == {"cas": 0.25}
   md = eps_sweep.to_markdown(sweep)
-  assert f"| {none_valid:.4f} |" in md.splitlines()[2]
+  assert f"| {ref['valid/ndcg@10']:.4f} |" in md.splitlines()[2]
   assert "`--eps=cas=0.25`" in md
-  assert (tmp_path / "seed0" / "none" / "none" /
-          "results.json").stat().st_mtime == mtime
+  assert table_none.stat().st_mtime == mtime
+  assert json.load(open(table_none))["none"]["last_epoch"] == 1
+  again = table2.run_table(config, w, seeds=[0, 1], methods=["none", "cas"])
+  assert again["rows"] == summary["rows"]
 
   c = curves.curves(str(tmp_path / "seed0"), ["none", "cas"])
   assert c["phase1_epochs"] == 2

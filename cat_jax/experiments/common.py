@@ -32,7 +32,7 @@ def apply_overrides(config, overrides: dict):
 
 
 def run_variants(config, workdir: str, seeds, variants: dict,
-                 vectorize: bool = False) -> dict:
+                 vectorize: bool = False, folders=None) -> dict:
   """Pretrains each seed once, then trains every phase-2 variant from it.
 
   Args:
@@ -40,6 +40,9 @@ def run_variants(config, workdir: str, seeds, variants: dict,
     vectorize: train all seeds of a phase in one vectorized program
       (`train.train_runs`) instead of one after the other; same results and
       files, far faster on an accelerator.
+    folders: optional {name: subfolder of seed<k>/} for variants that must
+      not share the default folder `name` with another runner's run of the
+      same name (eps_sweep's short `none` beside table2's).
 
   Returns:
     runs[name][seed] = {metric: test value for METRICS, and SELECT: the
@@ -48,6 +51,7 @@ def run_variants(config, workdir: str, seeds, variants: dict,
   seeds = list(seeds)
   seed_dirs = [os.path.join(workdir, f"seed{s}") for s in seeds]
   runs = {name: {} for name in variants}
+  folders = folders or {}
 
   def train_group(c, idx, sub, phase, reuse):
     """Seeds `idx` of one phase. Finished runs are read back one at a time,
@@ -72,8 +76,8 @@ def run_variants(config, workdir: str, seeds, variants: dict,
                 "pretrain", reuse=False)
     for name, overrides in variants.items():
       c = apply_overrides(config, overrides)
-      for seed, r in train_group(c, idx, name, c.adv.method,
-                                 reuse=True).items():
+      for seed, r in train_group(c, idx, folders.get(name, name),
+                                 c.adv.method, reuse=True).items():
         runs[name][seed] = {k: r[c.adv.method][k]
                             for k in METRICS + (SELECT,)}
   return runs
@@ -112,12 +116,13 @@ def summarize(runs: dict, seeds, metrics=METRICS) -> dict:
           "family": [f"{n} vs {r}" for n, r in family]}
 
 
-def run_log(workdir: str, seeds, variants: dict) -> list[dict]:
+def run_log(workdir: str, seeds, variants: dict, folders=None) -> list[dict]:
   """One row per finished run, read back from its results.json.
 
   Args:
     variants: {name: overrides} as given to `run_variants` (the phase of a
       variant is its 'adv.method', default `name`).
+    folders: as given to `run_variants`.
 
   Returns:
     [{'run': 'pretrain' or a variant name, 'seed', 'selected_epoch',
@@ -128,10 +133,12 @@ def run_log(workdir: str, seeds, variants: dict) -> list[dict]:
   keys = ("selected_epoch", "last_epoch", "stopped_early", "valid/ndcg@10",
           "test/ndcg@10", "train_s")
   rows = []
+  folders = folders or {}
   for s in seeds:
     seed_dir = os.path.join(workdir, f"seed{s}")
     runs = [("pretrain", seed_dir, "pretrain")] + [
-        (name, os.path.join(seed_dir, name), o.get("adv.method", name))
+        (name, os.path.join(seed_dir, folders.get(name, name)),
+         o.get("adv.method", name))
         for name, o in variants.items()]
     for name, folder, phase in runs:
       path = os.path.join(folder, "results.json")

@@ -5,7 +5,8 @@
       --eps=0.1,1,5,10,20,30,50 --seeds=0,1,2
 
 Pretrains each seed once, then trains `none` (the base model trained as
-long) and each method at every eps from it. Writes <workdir>/eps_sweep.json,
+long, in seed<k>/none_sweep: table2's `none` in the same workdir has the
+table's budget) and each method at every eps from it. Writes <workdir>/eps_sweep.json,
 eps_sweep.md and, with matplotlib, eps_sweep.png (one line per method).
 Runs that finished before are read back, so a sweep can be extended by
 calling it again with more eps or methods.
@@ -46,6 +47,13 @@ def variant_name(method: str, eps: float, scope: str = "row") -> str:
   return f"{method}_eps{eps:g}" + ("" if scope == "row" else f"_{scope}")
 
 
+# The folder of the sweep's reference run `none` (adv.epochs of the sweep).
+# Not `none`: that is table2's, trained with the table's phase-2 budget and
+# evaluation cadence; sharing it made the later call continue (table2) or
+# refuse (sweep) the earlier one's run.
+REFERENCE_FOLDER = "none_sweep"
+
+
 def variants(methods, eps_values, scope: str = "row") -> dict:
   """{'none': ..., '<method>_eps<e>[_<scope>]': overrides} for every method
   and eps (the scope is part of the name unless it is 'row')."""
@@ -62,7 +70,7 @@ def run_sweep(config, workdir: str, seeds, methods, eps_values,
   methods = as_methods(methods)
   runs = common.run_variants(config, workdir, seeds,
                              variants(methods, eps_values, config.adv.scope),
-                             vectorize)
+                             vectorize, folders={"none": REFERENCE_FOLDER})
   summary = common.summarize(runs, seeds)
   summary["eps"] = [float(e) for e in eps_values]
   summary["methods"] = methods
@@ -162,8 +170,8 @@ def main(argv):
   F = flags.FLAGS
   try:
     methods = as_methods(common.split_list(F.method))
-    # A workdir mismatch (checkpoints.WorkdirMismatch, e.g. a `none` run
-    # that table2 trained on past the sweep's adv.epochs) is a ValueError.
+    # A workdir mismatch (checkpoints.WorkdirMismatch, e.g. a variant run
+    # before with other settings) is a ValueError.
     summary = run_sweep(F.config, F.workdir, common.split_list(F.seeds, int),
                         methods, common.split_list(F.eps, float),
                         F.vectorize)
