@@ -127,3 +127,26 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path):
       open(tmp_path / d / "results.json"))[p].items() if k != "train_s"}
   for phase in ("pretrain", "cas"):
     assert untimed("cut", phase) == untimed("full", phase)
+
+
+def test_table2_at_another_eps_is_one_line(tmp_path):
+  """A method folder trained at another eps: the runner names the folder
+  and the ways out in one line, and leaves the run alone."""
+  def table2(eps):
+    return subprocess.run(
+        [sys.executable, "-m", "cat_jax.experiments.table2",
+         "--config=configs/default.py", f"--workdir={tmp_path}", "--seeds=0",
+         "--methods=cas", f"--eps=cas={eps}", *SMALL,
+         "--config.model.name=gru4rec", "--config.train.epochs=1",
+         "--config.adv.epochs=1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**os.environ, "XLA_FLAGS": ""})
+  first = table2(0.5)
+  assert first.returncode == 0, first.stderr
+  results = tmp_path / "seed0" / "cas" / "results.json"
+  before = results.read_text()
+  r = table2(0.25)
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+  line = [l for l in r.stderr.splitlines() if "trained with other settings" in l]
+  assert len(line) == 1 and "adv.eps: 0.5 -> 0.25" in line[0], r.stderr
+  assert results.read_text() == before

@@ -77,9 +77,14 @@ def main(argv):
     logging.warning("--eps names methods not in --methods (ignored): %s",
                     sorted(set(eps) - set(methods)))
     eps = {m: e for m, e in eps.items() if m in methods}
-  md = common.write(F.workdir, "table2", run_table(
-      F.config, F.workdir, common.split_list(F.seeds, int),
-      methods, eps, F.vectorize))
+  try:
+    summary = run_table(F.config, F.workdir, common.split_list(F.seeds, int),
+                        methods, eps, F.vectorize)
+  except ValueError as e:
+    # e.g. checkpoints.WorkdirMismatch: a method's folder trained at another
+    # eps; the message names the folder and the ways out.
+    raise app.UsageError(str(e)) from None
+  md = common.write(F.workdir, "table2", summary)
   logging.info("\n%s", md)
   print(md)
 
