@@ -193,7 +193,7 @@ TUNED_EPS = {
                           "cas": 0.1},
     ("gru4rec", "video"): {"linear": 0.5, "seq": 0.1, "global": 0.5,
                            "cas": 0.5},
-    ("sasrec", "beauty"): {"linear": 0.1, "seq": 0.05, "global": 0.02,
+    ("sasrec", "beauty"): {"linear": 0.1, "seq": 1.0, "global": 0.02,
                            "cas": 0.02},
     ("gru4rec", "beauty"): {"linear": 0.5, "seq": 0.3, "global": 0.5,
                             "cas": 0.5},
