@@ -6,8 +6,9 @@
 
 Pretrains each seed once, then trains `none` (the base model trained as
 long, in seed<k>/none_sweep: table2's `none` in the same workdir has the
-table's budget) and each method at every eps from it. Writes <workdir>/eps_sweep.json,
-eps_sweep.md and, with matplotlib, eps_sweep.png (one line per method).
+table's budget) and each method at every eps from it. Writes
+<workdir>/eps_sweep.json, eps_sweep.md and, with matplotlib, eps_sweep.png
+(one line per method).
 Runs that finished before are read back, so a sweep can be extended by
 calling it again with more eps or methods.
 
