@@ -157,9 +157,7 @@ def test_runners_end_to_end(make_config, tmp_path):
   # is neither continued nor refused (they shared seed0/none before).
   table_none = tmp_path / "seed0" / "none" / "results.json"
   mtime = table_none.stat().st_mtime
-  sweep_config = make_config(**{"train.epochs": 2, "train.eval_every": 2,
-                                "adv.epochs": 2, "adv.eps": 0.5,
-                                "model.name": "gru4rec"})
+  sweep_config = common.apply_overrides(config, {"adv.epochs": 2})
   sweep = eps_sweep.run_sweep(sweep_config, w, [0], "cas", [0.25])
   assert set(sweep["rows"]) == {"none", "cas_eps0.25"}
   ref = json.load(open(tmp_path / "seed0" / eps_sweep.REFERENCE_FOLDER /

@@ -116,13 +116,12 @@ def summarize(runs: dict, seeds, metrics=METRICS) -> dict:
           "family": [f"{n} vs {r}" for n, r in family]}
 
 
-def run_log(workdir: str, seeds, variants: dict, folders=None) -> list[dict]:
+def run_log(workdir: str, seeds, variants: dict) -> list[dict]:
   """One row per finished run, read back from its results.json.
 
   Args:
     variants: {name: overrides} as given to `run_variants` (the phase of a
       variant is its 'adv.method', default `name`).
-    folders: as given to `run_variants`.
 
   Returns:
     [{'run': 'pretrain' or a variant name, 'seed', 'selected_epoch',
@@ -133,12 +132,10 @@ def run_log(workdir: str, seeds, variants: dict, folders=None) -> list[dict]:
   keys = ("selected_epoch", "last_epoch", "stopped_early", "valid/ndcg@10",
           "test/ndcg@10", "train_s")
   rows = []
-  folders = folders or {}
   for s in seeds:
     seed_dir = os.path.join(workdir, f"seed{s}")
     runs = [("pretrain", seed_dir, "pretrain")] + [
-        (name, os.path.join(seed_dir, folders.get(name, name)),
-         o.get("adv.method", name))
+        (name, os.path.join(seed_dir, name), o.get("adv.method", name))
         for name, o in variants.items()]
     for name, folder, phase in runs:
       path = os.path.join(folder, "results.json")
