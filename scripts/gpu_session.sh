@@ -35,7 +35,12 @@
 # before its first epoch; a 15-minute session fits `bench` or one setting's
 # Table 2 for a few methods, not both.
 set -uo pipefail
-mode=${1:?usage: gpu_session.sh bench|table2 SETTING EPS|setting SETTING|bf16|pack_pretrain DIR SEEDS}; shift
+usage="usage: gpu_session.sh bench | table2 SETTING EPS [SEEDS] | setting SETTING | bf16 | pack_pretrain DIR SEEDS"
+mode=${1:?$usage}; shift
+case $mode in
+  bench|table2|setting|bf16|pack_pretrain) ;;
+  *) echo "unknown mode '$mode'; $usage" >&2; exit 2 ;;
+esac
 if [ "$mode" = pack_pretrain ]; then  # runs here, not on the device
   src=${1:?a paper_<setting> folder, e.g. runs/paper_gru4rec_video}
   IFS=, read -ra seeds <<< "${2:?seeds, e.g. 1,2}"
@@ -117,5 +122,4 @@ case $mode in
     done
     keep
     ;;
-  *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
