@@ -189,6 +189,31 @@ def test_runners_end_to_end(make_config, tmp_path):
   # The restored checkpoint is the selected one: clean test metrics agree.
   pre = json.load(open(tmp_path / "seed0" / "results.json"))["pretrain"]
   assert r["clean"]["ndcg@10"] == pytest.approx(pre["test/ndcg@10"], rel=1e-6)
+  assert r["source"] == {"selected_epoch": pre["selected_epoch"],
+                         "valid/ndcg@10": pre["valid/ndcg@10"]}
+  # Resuming: an entry attacked before from the same checkpoint with the
+  # same arguments is reused, not attacked again (nothing to save).
+  saved = []
+  again = robustness_runner.run(config, str(tmp_path / "seed0"),
+                                ["pretrain", "cas/cas"], "random",
+                                previous=out, save=saved.append)
+  assert again == out and saved == []
+  # Another checkpoint (a retrained phase) or other arguments: attacked
+  # again, and each finished entry is saved in the order of the phases,
+  # with the earlier result of the entry still to come.
+  stale = json.loads(json.dumps(out))
+  stale["pretrain"]["source"]["selected_epoch"] = -1
+  again = robustness_runner.run(config, str(tmp_path / "seed0"),
+                                ["pretrain", "cas/cas"], "random",
+                                previous=stale, save=saved.append)
+  assert [list(x) for x in saved] == [["pretrain", "cas/cas"]]
+  assert saved[0]["cas/cas"] is stale["cas/cas"]
+  assert again["pretrain"]["source"] == r["source"]
+  assert again["pretrain"]["clean"] == r["clean"]
+  other = robustness_runner.run(config, str(tmp_path / "seed0"),
+                                ["pretrain"], "random", seed=1, last_k=(),
+                                previous=out)["pretrain"]
+  assert other["request"]["seed"] == 1 and "last_1" not in other["attacks"]
   snap = robustness_runner.run(config, str(tmp_path / "seed0"), ["pretrain"],
                                "snap", alpha_scale=1e-3,
                                last_k=())["pretrain"]

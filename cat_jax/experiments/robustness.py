@@ -6,8 +6,11 @@
 For every phase (a finished `<workdir>/<phase>/best` checkpoint), replaces
 the first / middle / last item (Fig. 5) and the last K = 1..5 items (Fig. 6)
 of each user's test input window and reports clean and attacked NDCG@10 /
-HR@10 and the relative drop. Writes <workdir>/robustness_<mode>.json and,
-when matplotlib is installed (`pip install -e ".[plots]"`), a PNG figure.
+HR@10 and the relative drop. Writes <workdir>/robustness_<mode>.json (each
+entry as soon as it is attacked) and, when matplotlib is installed (`pip
+install -e ".[plots]"`), a PNG figure. Run again, it reuses the entries of
+that file attacked from the same selected checkpoint with the same
+arguments, so a stopped call resumes and a retrained phase is attacked anew.
 
 --mode (see `cat_jax.robustness`): `minimal` (default, Sec. 5.6: the nearest
 allowed item whose displacement from the original points along the gradient
@@ -37,10 +40,23 @@ from cat_jax import batching, robustness, train
 from cat_jax import writer
 from cat_jax.experiments import common
 
+def source(workdir: str, entry: str) -> dict:
+  """What an entry is attacked from: its phase's selected epoch and that
+  checkpoint's validation NDCG@10, so that a retrained phase is not
+  mistaken for the one a stored result was computed on."""
+  sub, phase = os.path.split(entry)
+  path = os.path.join(workdir, sub, phase, "results.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    r = json.load(f)
+  return {k: r.get(k) for k in ("selected_epoch", "valid/ndcg@10")}
+
+
 def run(config, workdir: str, phases, mode: str, alpha=None,
         seed: int = 0, alpha_scale=None, last_k=(1, 2, 3, 4, 5),
-        anchor: str = "items") -> dict:
-  """{entry: evaluate_robustness(...)} for each finished phase.
+        anchor: str = "items", previous=None, save=None) -> dict:
+  """{entry: evaluate_robustness(...) + 'source', 'request'} per phase.
 
   An entry is a phase name ('pretrain', 'cas') or 'subdir/phase' for a
   phase trained in a subfolder of `workdir` (the runners' layout, e.g.
@@ -48,11 +64,27 @@ def run(config, workdir: str, phases, mode: str, alpha=None,
   step is this multiple of the model's median nearest-neighbour distance.
   last_k: K values of the last-K attack (Fig. 6; () runs Fig. 5 only).
   anchor: 'items' or 'window' (`robustness.evaluate_robustness`).
+  previous: an earlier result of this call (its JSON); an entry in it with
+    the same `source` (the phase's selected checkpoint) and `request` (the
+    attack's arguments) is reused instead of attacked again, so a stopped
+    call resumes at the entry it was in.
+  save: called after each entry is attacked with the results so far (and
+    the earlier results of the entries still to come).
   """
   if alpha is not None and alpha_scale is not None:
     raise ValueError("Give --alpha or --alpha_scale, not both.")
+  request = {"mode": mode, "alpha": alpha, "alpha_scale": alpha_scale,
+             "seed": seed, "last_k": list(last_k), "anchor": anchor}
+  previous = previous or {}
   out = {}
   for entry in phases:
+    src = source(workdir, entry)
+    old = previous.get(entry, {})
+    if src and old.get("source") == src and old.get("request") == request:
+      logging.info("%s: attacked before from the same checkpoint; reused",
+                   entry)
+      out[entry] = old
+      continue
     sub, phase = os.path.split(entry)
     model, params, data, num_items = train.load_selected(
         config, os.path.join(workdir, sub), phase)
@@ -68,6 +100,11 @@ def run(config, workdir: str, phases, mode: str, alpha=None,
         batch_size=config.eval.batch_size,
         ks=tuple(config.eval.ks), rng=jax.random.PRNGKey(seed), plan=plan,
         anchor=anchor)
+    out[entry].update(source=src, request=request)
+    if save is not None:
+      # Entries still to come keep their earlier result on disk meanwhile.
+      save({e: out[e] if e in out else previous[e] for e in phases
+            if e in out or e in previous})
   return out
 
 
@@ -119,17 +156,30 @@ def main(argv):
   del argv
   writer.quiet_library_logs()
   F = flags.FLAGS
+  path = os.path.join(F.workdir, output_stem(F.mode, F.alpha,
+                                             F.alpha_scale, F.anchor))
+  previous = None
+  if os.path.exists(path + ".json"):
+    with open(path + ".json") as f:
+      previous = json.load(f)
+
+  def save(results):
+    # Each finished entry is on disk at once (atomically), so that a
+    # stopped call keeps it; at the end the file holds exactly this call's
+    # --phases, in their order (robustness_report compares them by seed).
+    if writer.is_chief():
+      with open(path + ".json.tmp", "w") as f:
+        json.dump(results, f, indent=1)
+      os.replace(path + ".json.tmp", path + ".json")
+
   try:
     results = run(F.config, F.workdir, common.split_list(F.phases), F.mode,
                   F.alpha, F.seed, F.alpha_scale,
-                  common.split_list(F.last_k, int), F.anchor)
+                  common.split_list(F.last_k, int), F.anchor, previous, save)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  save(results)
   if writer.is_chief():
-    path = os.path.join(F.workdir, output_stem(F.mode, F.alpha,
-                                               F.alpha_scale, F.anchor))
-    with open(path + ".json", "w") as f:
-      json.dump(results, f, indent=1)
     plot(results, path + ".png")
   for phase, r in results.items():
     line = " ".join(f"{n}={a['ndcg@10_drop']:+.3f}"
