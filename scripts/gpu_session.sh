@@ -97,7 +97,7 @@ case $mode in
     keep
     ;;
   setting)
-    setting=${1:?setting, e.g. gru4rec_beauty}; p="bash scripts/cpu_paper.sh"
+    setting=${1:?setting, e.g. gru4rec_beauty}
     export RUNS=$work
     timeout "$budget" bash -c '
     p="bash scripts/cpu_paper.sh"; setting=$1

@@ -30,26 +30,24 @@ are not attacked there); the output name ends in '_window'.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 from absl import app, flags, logging
 
-from cat_jax import batching, robustness, train
+from cat_jax import batching, checkpoints, robustness, train
 from cat_jax import writer
 from cat_jax.experiments import common
+
 
 def source(workdir: str, entry: str) -> dict:
   """What an entry is attacked from: its phase's selected epoch and that
   checkpoint's validation NDCG@10, so that a retrained phase is not
   mistaken for the one a stored result was computed on."""
   sub, phase = os.path.split(entry)
-  path = os.path.join(workdir, sub, phase, "results.json")
-  if not os.path.exists(path):
+  r = checkpoints.read_json(os.path.join(workdir, sub, phase, "results.json"))
+  if r is None:
     return {}
-  with open(path) as f:
-    r = json.load(f)
   return {k: r.get(k) for k in ("selected_epoch", "valid/ndcg@10")}
 
 
@@ -158,19 +156,14 @@ def main(argv):
   F = flags.FLAGS
   path = os.path.join(F.workdir, output_stem(F.mode, F.alpha,
                                              F.alpha_scale, F.anchor))
-  previous = None
-  if os.path.exists(path + ".json"):
-    with open(path + ".json") as f:
-      previous = json.load(f)
+  previous = checkpoints.read_json(path + ".json")
 
   def save(results):
-    # Each finished entry is on disk at once (atomically), so that a
-    # stopped call keeps it; at the end the file holds exactly this call's
-    # --phases, in their order (robustness_report compares them by seed).
-    if writer.is_chief():
-      with open(path + ".json.tmp", "w") as f:
-        json.dump(results, f, indent=1)
-      os.replace(path + ".json.tmp", path + ".json")
+    # Each finished entry is on disk at once (atomically, process 0), so
+    # that a stopped call keeps it; at the end the file holds exactly this
+    # call's --phases, in their order (robustness_report compares them by
+    # seed).
+    checkpoints.write_json(path + ".json", results)
 
   try:
     results = run(F.config, F.workdir, common.split_list(F.phases), F.mode,
