@@ -32,6 +32,10 @@
 #                      row-scope `grid` run of seed 0 (all calls, subsets and
 #                      extensions together) as the EPS of `table` (the
 #                      ablation takes cas's eps)
+#   summary            (SETTING: all) every setting's table2.json and
+#                      robustness_minimal.json next to the paper's Table 2
+#                      and Fig. 5, with the claim checks
+#                      ($RUNS/paper_summary.md; cat_jax.experiments.paper_summary)
 # Runs go to $RUNS/paper_<setting> (default RUNS=runs), compiled programs to
 # $RUNS/jax_cache (JAX_COMPILATION_CACHE_DIR overrides); every stage resumes
 # from checkpoints and reads finished runs back, so a stage can be run again
@@ -57,6 +61,8 @@ base=(--config.train.epochs=500 --config.train.eval_every=5
       --config.eval.buckets=4 --config.adv.init=best)
 if [ "$model" = sasrec ]; then grid=0.02,0.05,0.1,0.2; else grid=0.3,0.5,1,2; fi
 case $stage in
+  summary)
+    python -m cat_jax.experiments.paper_summary --runs=$runs ;;
   pretrain)
     IFS=, read -ra seeds <<< "${arg:-0,1,2}"
     for s in "${seeds[@]}"; do
