@@ -48,12 +48,12 @@ PAPER_TABLE2 = {
 }
 # Fig. 5 (Video, SASRec base): the last item replaced costs 23.6% NDCG@10.
 PAPER_LAST_ITEM_DROP = {"sasrec_video": 0.236}
-# The paper's third claim (Sec. 5.2: gains are larger on the sparser data
+# The paper's third claim (Sec. 5.5: gains are larger on the sparser data
 # sets) contrasts Video, Beauty and Clothing (densities 0.03-0.09%, Table 1)
 # with ML-1M (4.8%). Beauty (0.088%) and Video (0.089%) are equally sparse,
 # so the two data sets we hold cannot test it.
 SPARSE_NOTE = (
-    "Larger gains on sparser data (Sec. 5.2) compares Video, Beauty and "
+    "Larger gains on sparser data (Sec. 5.5) compares Video, Beauty and "
     "Clothing with the dense ML-1M (Table 1: 0.089%, 0.088%, 0.031% against "
     "4.8%). Video and Beauty are equally sparse and ML-1M is not among the "
     "data we hold (../shared/data/README.md), so that claim is not tested "
