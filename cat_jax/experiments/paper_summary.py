@@ -25,6 +25,7 @@ import os
 
 from absl import app, flags
 
+from cat_jax import writer
 from cat_jax.experiments import common
 
 SETTINGS = ("sasrec_video", "gru4rec_video", "sasrec_beauty",
@@ -219,6 +220,7 @@ def to_markdown(summary: dict, runs: str = "$RUNS") -> str:
 
 def main(argv):
   del argv
+  writer.quiet_library_logs()
   F = flags.FLAGS
   settings = common.split_list(F.settings)
   unknown = sorted(set(settings) - set(SETTINGS))
