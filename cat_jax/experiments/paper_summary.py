@@ -20,12 +20,11 @@ trained or attacked here.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
 
-from cat_jax import writer
+from cat_jax import checkpoints, writer
 from cat_jax.experiments import common
 
 SETTINGS = ("sasrec_video", "gru4rec_video", "sasrec_beauty",
@@ -63,18 +62,12 @@ SPARSE_NOTE = (
 
 def load(runs: str, settings) -> dict:
   """{setting: {"table2": dict | None, "robustness": dict | None}}."""
-  out = {}
-  for s in settings:
-    entry = {}
-    for key, stem in (("table2", "table2"),
-                      ("robustness", "robustness_minimal")):
-      path = os.path.join(runs, f"paper_{s}", stem + ".json")
-      entry[key] = None
-      if os.path.exists(path):
-        with open(path) as f:
-          entry[key] = json.load(f)
-    out[s] = entry
-  return out
+  folder = lambda s: os.path.join(runs, f"paper_{s}")
+  return {s: {"table2": checkpoints.read_json(
+                  os.path.join(folder(s), "table2.json")),
+              "robustness": checkpoints.read_json(
+                  os.path.join(folder(s), "robustness_minimal.json"))}
+          for s in settings}
 
 
 def _gain(values: dict, method: str) -> float | None:
@@ -129,12 +122,9 @@ def summarize(loaded: dict) -> dict:
         "last_item_drop": drops,
         "paper_last_item_drop": PAPER_LAST_ITEM_DROP.get(s),
         "cas_vs_global": _test(table, "cas", "global"),
-        "global_vs_none": _test(table, "global", "none"),
-        "last_cas_vs_global": (rob["by_attack"]["last"]["rows"]["cas"]["drop"]
-                               .get("vs_global")
-                               if _drop(rob, "cas") is not None
-                               and _drop(rob, "global") is not None
-                               else None),
+        "last_cas_vs_global": (
+            rob["by_attack"]["last"]["rows"]["cas"]["drop"].get("vs_global")
+            if None not in (drops["cas"], drops["global"]) else None),
     }
     claims[s] = {
         "accuracy: cas > global > none": {
@@ -202,9 +192,10 @@ def to_markdown(summary: dict, runs: str = "$RUNS") -> str:
     for claim, v in c.items():
       test = (st[s]["cas_vs_global"] if claim.startswith("accuracy")
               else st[s]["last_cas_vs_global"])
+      p = common.format_p(test)
       lines.append(f"| {claim} | {s} | {_word(v['ours'])} | "
                    f"{_word(v['paper'])} | "
-                   f"{'cas vs global ' + common.format_p(test) if common.format_p(test) else ''} |")
+                   f"{'cas vs global ' + p if p else ''} |")
   lines += ["", SPARSE_NOTE]
   missing = [(s, k) for s, v in st.items()
              for k, ok in (("table2", v["seeds"]),
