@@ -184,15 +184,20 @@ PAPER_DATASETS = {"video": ("Video.txt", 50), "beauty": ("Beauty.txt", 50),
 # linear at eps = 1 11% (RESULTS.md, "eps grid"): pass --config.adv.eps=10
 # to see it. All four come from their paper-budget grids
 # (`scripts/cpu_paper.sh SETTING chosen`; GRU4Rec's seq stays within
-# noise of none on validation at every eps, so its value matters little).
+# noise of none on validation at every eps, so its value matters little),
+# except GRU4Rec's global and cas on Video: its 10-epoch grid picked 0.5,
+# but repeated at the full 100-epoch phase 2, 0.3 is best on validation for
+# both and gains 4-7 points more test NDCG@10 over three seeds (RESULTS.md,
+# "GRU4Rec: eps chosen at the full phase-2 budget"; on Beauty the full-budget
+# grid keeps 0.5).
 # ML-1M has no grid: it takes its model's Video values. The cascade
 # ablations take `cas`'s value, so that they differ from it in one thing
 # only.
 TUNED_EPS = {
     ("sasrec", "video"): {"linear": 0.5, "seq": 1.0, "global": 0.1,
                           "cas": 0.1},
-    ("gru4rec", "video"): {"linear": 0.5, "seq": 0.3, "global": 0.5,
-                           "cas": 0.5},
+    ("gru4rec", "video"): {"linear": 0.5, "seq": 0.3, "global": 0.3,
+                           "cas": 0.3},
     ("sasrec", "beauty"): {"linear": 0.1, "seq": 1.0, "global": 0.02,
                            "cas": 0.02},
     ("gru4rec", "beauty"): {"linear": 0.5, "seq": 0.3, "global": 0.5,
