@@ -137,7 +137,7 @@ def summarize(loaded: dict) -> dict:
         "paper_last_item_drop": PAPER_LAST_ITEM_DROP.get(s),
         "cas_vs_global": _test(table, "cas", "global"),
         "last_cas_vs_global": (
-            rob["by_attack"]["last"]["rows"]["cas"]["drop"].get("vs_global")
+            last["cas"]["drop"].get("vs_global")
             if None not in (drops["cas"], drops["global"]) else None),
     }
     claims[s] = {
