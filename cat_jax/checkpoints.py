@@ -5,7 +5,8 @@ Layout of a workdir:
   config.json      the resolved config of the last run that went ahead.
   metrics.jsonl    one line per evaluation (and per test) of every run.
   results.json     per phase: selected epoch, validation and test metrics.
-  item_ids.txt     original item id of each internal id (recommend.py).
+  item_ids.txt     original item id of each internal id (`write_item_ids`;
+                   read by recommend.py).
   <phase>/         `pretrain` (phase 1) or the phase-2 method's name:
     signature.json everything that shaped the phase (`phase_signature`);
                    phase 2 also records the phase-1 epoch it started from.
@@ -112,6 +113,42 @@ def read_json(path: str, default=None):
     return default
   with open(path) as f:
     return json.load(f)
+
+
+ITEM_IDS = "item_ids.txt"
+
+
+def plain_id(x):
+  """A JSON-able id: Python int for integer ids, else str."""
+  if isinstance(x, (bool, np.bool_)):
+    return str(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  return str(x)
+
+
+def write_item_ids(workdir: str, dataset) -> str:
+  """Writes `<workdir>/item_ids.txt`: line i = original id of internal item i.
+
+  Each line is a JSON value (`123` or `"B00X"`), so the ids read back with
+  their type (`recommend.read_item_ids`). Written atomically (a temporary
+  file, then renamed), by process 0 only. `dataset` is a `data.Dataset` or
+  its `item_ids` list. Returns the path.
+  """
+  ids = dataset.item_ids if hasattr(dataset, "item_ids") else dataset
+  n = getattr(dataset, "num_items", len(ids))
+  if len(ids) != n:
+    raise ValueError(f"the data set has {n} items but {len(ids)} item ids")
+  path = os.path.join(workdir, ITEM_IDS)
+  if not is_chief():
+    return path
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for x in ids:
+      f.write(json.dumps(plain_id(x)) + "\n")
+  os.replace(tmp, path)
+  return path
 
 
 @dataclasses.dataclass

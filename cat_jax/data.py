@@ -408,11 +408,11 @@ def resolve_path(path: str, data_dir: str | None = None) -> str:
 
 
 def load_from_config(cfg) -> Dataset:
-  """Builds the data set named by a `config.data` ConfigDict.
+  """Builds the clean data set named by a `config.data` ConfigDict.
 
-  With `cfg.poison.attack` other than 'none', fake users are then appended
-  as train-only users (`cat_jax.poisoning.poison_from_config`; deterministic
-  in `cfg.poison.seed`).
+  `cfg.poison` is not applied here: the data pipeline knows nothing of
+  poisoning. `cat_jax.poisoning.load_from_config` loads the data of a
+  config with its fake users.
   """
   if cfg.name == "synthetic":
     s = cfg.synthetic
@@ -425,8 +425,4 @@ def load_from_config(cfg) -> Dataset:
         f"Unknown data.name {cfg.name!r}; use 'synthetic' or 'file'.")
   else:
     ds = load_dataset(resolve_path(cfg.path), cfg.format, cfg.kcore)
-  poison = cfg.get("poison")
-  if poison is not None and poison.get("attack", "none") != "none":
-    from cat_jax import poisoning  # noqa: PLC0415 (poisoning imports data)
-    ds = poisoning.poison_from_config(ds, poison)
   return ds

@@ -211,6 +211,21 @@ def poison_from_config(ds: data_lib.Dataset, cfg) -> data_lib.Dataset:
   return poison(ds, **_kwargs(cfg))[0]
 
 
+def load_from_config(cfg) -> data_lib.Dataset:
+  """The data set of a `config.data` ConfigDict, with its fake users.
+
+  `data.load_from_config` (the clean data), then, with `cfg.poison.attack`
+  other than 'none', the fake users of `poison_from_config` appended as
+  train-only users (deterministic in `cfg.poison.seed`). Training, the
+  analyses and the recommendation command load a config's data here.
+  """
+  ds = data_lib.load_from_config(cfg)
+  poison_cfg = cfg.get("poison")
+  if poison_cfg is not None and poison_cfg.get("attack", "none") != "none":
+    ds = poison_from_config(ds, poison_cfg)
+  return ds
+
+
 def targets_from_config(ds: data_lib.Dataset, cfg) -> np.ndarray:
   """The target items of `config.data.poison` (whatever its attack; the
   same for `ds` clean or poisoned by it)."""

@@ -22,9 +22,9 @@ data file. Each output line is
 `--users`, also `"unknown": [...]`, the tokens of that line that are not
 items of the run (skipped, and counted in one warning line).
 
-Item ids are mapped back through `<workdir>/item_ids.txt` (`write_item_ids`:
-line i is the original id of internal item i, as a JSON value, so integer
-ids stay integers and string ids strings).
+Item ids are mapped back through `<workdir>/item_ids.txt`
+(`checkpoints.write_item_ids`: line i is the original id of internal item i,
+as a JSON value, so integer ids stay integers and string ids strings).
 """
 
 from __future__ import annotations
@@ -39,12 +39,14 @@ import ml_collections
 import numpy as np
 
 from cat_jax import data as data_lib
-from cat_jax import sharding
+from cat_jax import poisoning, sharding
+# The workdir's item_ids.txt is written by training (`checkpoints`); the names
+# stay part of this module's API.
+from cat_jax.checkpoints import ITEM_IDS, write_item_ids  # noqa: F401
+from cat_jax.checkpoints import plain_id as _plain
 # The device part lives in `topk`; its names are part of this module's API.
 from cat_jax.topk import TopK, make_top_k, top_k  # noqa: F401
 from cat_jax.writer import is_chief
-
-ITEM_IDS = "item_ids.txt"
 
 
 class RecommendError(ValueError):
@@ -54,39 +56,6 @@ class RecommendError(ValueError):
 # ----------------------------------------------------------------------------
 # Original ids.
 # ----------------------------------------------------------------------------
-
-
-def _plain(x):
-  """A JSON-able id: Python int for integer ids, else str."""
-  if isinstance(x, (bool, np.bool_)):
-    return str(x)
-  if isinstance(x, (int, np.integer)):
-    return int(x)
-  return str(x)
-
-
-def write_item_ids(workdir: str, dataset) -> str:
-  """Writes `<workdir>/item_ids.txt`: line i = original id of internal item i.
-
-  Each line is a JSON value (`123` or `"B00X"`), so the ids read back with
-  their type. Written atomically (a temporary file, then renamed), by
-  process 0 only. `dataset` is a `data.Dataset` or its `item_ids` list.
-  Returns the path.
-  """
-  ids = dataset.item_ids if hasattr(dataset, "item_ids") else dataset
-  n = getattr(dataset, "num_items", len(ids))
-  if len(ids) != n:
-    raise ValueError(f"the data set has {n} items but {len(ids)} item ids")
-  path = os.path.join(workdir, ITEM_IDS)
-  if not is_chief():
-    return path
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for x in ids:
-      f.write(json.dumps(_plain(x)) + "\n")
-  os.replace(tmp, path)
-  return path
 
 
 def read_item_ids(workdir: str) -> list:
@@ -347,7 +316,7 @@ def recommend_run(workdir: str, phase: str, k: int, out: str,
 
 def _load_data(config):
   try:
-    return data_lib.load_from_config(config.data)
+    return poisoning.load_from_config(config.data)
   except data_lib.DataError as e:
     raise RecommendError(f"cannot read the run's data: {e}") from None
 
@@ -361,7 +330,7 @@ def _stored_item_ids(workdir):
 
 def _item_ids_from_data(config, workdir):
   try:
-    return data_lib.load_from_config(config.data).item_ids
+    return poisoning.load_from_config(config.data).item_ids
   except data_lib.DataError as e:
     raise RecommendError(
         f"{os.path.join(workdir, ITEM_IDS)} not found, and the run's data "

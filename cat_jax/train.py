@@ -30,7 +30,7 @@ from absl import logging
 
 from cat_jax import adversarial, batching, cascade, checkpoints
 from cat_jax import data as data_lib
-from cat_jax import evaluate, models, recommend, sampling, sharding
+from cat_jax import evaluate, models, poisoning, sampling, sharding
 from cat_jax.phase import run_phase
 from cat_jax.writer import JsonlWriter, is_chief
 
@@ -258,7 +258,7 @@ def load_selected(config, workdir: str, phase: str):
   model from `config` and restores `<workdir>/<phase>/best`.
   """
   checkpoints.best_epoch(workdir, phase)  # fail before reading the data
-  arrays = data_lib.build_arrays(data_lib.load_from_config(config.data),
+  arrays = data_lib.build_arrays(poisoning.load_from_config(config.data),
                                  config.data.max_len)
   model, params = selected_params(config, workdir, phase, arrays.num_items)
   return model, params, device_data(arrays), arrays.num_items
@@ -344,7 +344,7 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs, retrain) -> list:
             for c, w, pre in zip(run_configs, workdirs, pre_dirs)]
 
   t0 = time.time()
-  ds = data_lib.load_from_config(config.data)
+  ds = poisoning.load_from_config(config.data)
   stats = data_lib.describe(ds)
   mesh = sharding.make_mesh(config.parallel.devices)
   if config.parallel.shard_data:
@@ -368,7 +368,7 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs, retrain) -> list:
       os.makedirs(w, exist_ok=True)
       checkpoints.write_json(os.path.join(w, "config.json"),
                              json.loads(c.to_json_best_effort()))
-      recommend.write_item_ids(w, ds)
+      checkpoints.write_item_ids(w, ds)
   writers = [JsonlWriter(os.path.join(w, "metrics.jsonl")) for w in workdirs]
   try:
     with checkpoints.Preemption() as preemption:

@@ -115,9 +115,11 @@ def test_clean_metrics_do_not_change_with_fake_users(clean, make_config):
 def test_load_from_config_poisons_deterministically(make_config):
   config = make_config(**{"data.poison.attack": "random",
                           "data.poison.share": 0.05})
-  a, b = (data.load_from_config(config.data) for _ in range(2))
-  clean = data.load_from_config(make_config().data)
+  a, b = (poisoning.load_from_config(config.data) for _ in range(2))
+  clean = poisoning.load_from_config(make_config().data)
   assert a.num_fake_users == 20 and clean.num_fake_users == 0
+  # The data pipeline itself loads the clean data set.
+  assert data.load_from_config(config.data).num_fake_users == 0
   for x, y in zip(a.sequences, b.sequences):
     np.testing.assert_array_equal(x, y)
   want, _ = poisoning.poison(clean, "random", share=0.05)
@@ -125,7 +127,8 @@ def test_load_from_config_poisons_deterministically(make_config):
     np.testing.assert_array_equal(x, y)
   assert data.describe(a)["fake_users"] == 20
   with pytest.raises(ValueError, match="Unknown data.poison.attack 'spam'"):
-    data.load_from_config(make_config(**{"data.poison.attack": "spam"}).data)
+    poisoning.load_from_config(
+        make_config(**{"data.poison.attack": "spam"}).data)
 
 
 def test_attacks_are_reproducible_and_follow_the_rules(clean):

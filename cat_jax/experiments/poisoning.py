@@ -149,7 +149,7 @@ def run(config, workdir: str, seeds, attacks, shares, methods, eps=None,
                                         "data.poison.share": share})
     logging.info("poisoning: %s in %s", name, sub)
     runs = common.run_variants(c, sub, seeds, variants, vectorize)
-    ds = data_lib.load_from_config(c.data)
+    ds = poisoning.load_from_config(c.data)
     targets = poisoning.targets_from_config(ds, c.data.poison)
     summary["targets"] = [int(t) for t in targets]
     arrays = data_lib.build_arrays(ds, c.data.max_len)
