@@ -1,4 +1,4 @@
-"""Adversarial training on two levels (Tan et al., Sec. 4.2, Eq. 4.6-4.10).
+"""Adversarial training on two levels (Tan et al., Sec. 4.1, Eq. 4.6-4.10).
 
 Level 1 perturbs the sequence item embeddings S [B, T, d] that enter the
 encoder; level 2 perturbs the encoder's output W and the positive/negative item
@@ -32,7 +32,7 @@ Level 1 (Eq. 4.6/4.7). With w the level-1 weights ([B, T], 1/C or uniform,
   direction 'weighted': A = eps g_A / ||g_A||, g_A = dL(S + w ⊙ A)/dA = w ⊙ g,
     the first-order maximizer of L(S + w ⊙ A) over ||A|| <= eps; the applied
     delta is then proportional to w^2 ⊙ g (the code before issue 12).
-How much is spent (Sec. 5.4: every method adds the same total magnitude):
+How much is spent (Sec. 5.5: every method adds the same total magnitude):
   budget 'equal' (default): delta is rescaled so that ||delta|| is what
     `global` applies, eps per sequence (scope 'row') or in total over the
     batch (scope 'batch'); the weights only redistribute it across positions,

@@ -1,4 +1,4 @@
-"""Cascade scores (Tan et al., Sec. 4.1, Eq. 4.11) and perturbation weights.
+"""Cascade scores (Tan et al., Sec. 4.2, Eq. 4.11) and perturbation weights.
 
 An interaction's cascade score counts how often its embedding is touched by
 gradient updates during training: the later an item sits in a sequence, the
@@ -10,7 +10,7 @@ user i at window position t (1..T) with item v = v_i^t:
 
 with b the batch size and m the number of users (so b/m is the chance that a
 given other user shares the batch). Level-1 perturbations are scaled by 1/C,
-so rarely-trained interactions get larger ones (Sec. 4.2). How much each
+so rarely-trained interactions get larger ones (Sec. 4.1). How much each
 sequence gets in total is set in `adversarial` (`adv.budget`): by default
 every sequence gets the norm that uniform weights give, so only the ratios of
 1/C within a sequence matter; with budget 'mean' the data-set-wide mean-1
@@ -89,7 +89,7 @@ def perturbation_weights(C: jax.Array, mask: jax.Array) -> jax.Array:
   """Level-1 weights 1/C, re-normalized to mean 1 over the real positions.
 
   The paper re-normalizes the average cascade value to 1 so that every method
-  spends the same total perturbation (Sec. 5.4); this does it for the weights
+  spends the same total perturbation (Sec. 5.5); this does it for the weights
   that multiply the perturbation over the whole data set (uniform weights
   are exactly 1). That is what `adv.budget='mean'` spends; the default
   `adv.budget='equal'` rescales each sequence's perturbation to the norm

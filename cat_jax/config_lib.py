@@ -19,7 +19,7 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Paper settings (Tan et al., Sec. 5.1) on the synthetic data set."""
+  """Paper settings (Tan et al., Sec. 5.3) on the synthetic data set."""
   c = ml_collections.ConfigDict()
   # Seed for parameter init, data order, negatives, dropout and perturbations.
   c.seed = 0
@@ -179,7 +179,7 @@ PAPER_DATASETS = {"video": ("Video.txt", 50), "beauty": ("Beauty.txt", 50),
 
 # eps per (model, data set) and method, chosen on seed 0's validation
 # NDCG@10 (RESULTS.md, "eps grid" and "Superseded"). The paper trains with
-# eps = 10 (Sec. 5.1), but here eps is the L2 norm of the perturbation of
+# eps = 10 (Sec. 5.3), but here eps is the L2 norm of the perturbation of
 # one sequence block or embedding row, and on Video SASRec eps = 10 costs
 # 21% of test NDCG@10 even spread over the whole batch (scope 'batch'), and
 # linear at eps = 1 11% (RESULTS.md, "eps grid"): pass --config.adv.eps=10

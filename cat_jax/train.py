@@ -2,7 +2,7 @@
 
 Phase 1 ('pretrain') trains the base model with BCE (Eq. 3.5) for
 `train.epochs`; phase 2 trains `adv.method` from the phase-1 state for
-`adv.epochs` (Tan et al., Sec. 5.1: 500 + 100 epochs). Each phase
+`adv.epochs` (Tan et al., Sec. 5.3: 500 + 100 epochs). Each phase
 (`phase.run_phase`) keeps its own Orbax checkpoints (latest and
 best-on-validation) under `workdir/<phase>/`, so a killed run restarts from
 its latest checkpoint and a sweep over methods in one workdir pretrains
@@ -44,7 +44,7 @@ class TrainState:
 
 
 def make_optimizer(tcfg) -> optax.GradientTransformation:
-  """Adam with coupled L2 (torch `Adam(weight_decay=l2)`), Sec. 5.1 settings."""
+  """Adam with coupled L2 (torch `Adam(weight_decay=l2)`), Sec. 5.3 settings."""
   return optax.chain(optax.add_decayed_weights(tcfg.l2),
                      optax.adam(tcfg.lr, b1=tcfg.b1, b2=tcfg.b2))
 

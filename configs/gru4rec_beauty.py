@@ -1,4 +1,4 @@
-"""gru4rec on beauty with the paper's settings (Tan et al., Sec. 5.1). The Amazon Beauty 5-core set (22,363 users, 12,101 items).
+"""gru4rec on beauty with the paper's settings (Tan et al., Sec. 5.3). The Amazon Beauty 5-core set (22,363 users, 12,101 items).
 
   export CAT_DATA_DIR=../shared/data     # or pass --config.data.path=...
   python launch.py --config=configs/gru4rec_beauty.py --workdir=runs/gru4rec_beauty
