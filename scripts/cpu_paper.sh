@@ -3,7 +3,9 @@
 #
 #   CAT_DATA_DIR=../shared/data scripts/cpu_paper.sh SETTING STAGE [ARG]
 #
-# SETTING: sasrec_video | gru4rec_video | sasrec_beauty | gru4rec_beauty
+# SETTING: sasrec_video | gru4rec_video | sasrec_beauty | gru4rec_beauty |
+#          sasrec_clothing | gru4rec_clothing (configs/SETTING.py; the
+#          model is the part before the last '_')
 # STAGE:
 #   pretrain SEEDS     phase 1 of each seed: 500 epochs, validation every
 #                      5, the best NDCG@10 kept (seed<k>/pretrain); SASRec

@@ -8,11 +8,15 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl \
 #       ml_collections==1.1.0                 # .whl/, .data/, .runs/ are ignored
-#   mkdir -p .data && cp ../shared/data/Video.txt ../shared/data/Beauty.txt .data/
+#   mkdir -p .data && cp ../shared/data/Video.txt ../shared/data/Beauty.txt \
+#       ../shared/data/Clothing.txt .data/
 # Optionally carry finished phase-1 runs so that table2 continues from the
 # same pretrained models as the CPU runs (about 25 MB per seed, so two
-# seeds per call: the carry limit is 64 MiB in all):
+# seeds per call: the carry limit is 64 MiB in all; Clothing's item table
+# is twice Video's, so one seed per call):
 #   scripts/gpu_session.sh pack_pretrain RUNS/paper_SETTING SEEDS   # -> .runs/
+# SETTING is one of scripts/cpu_paper.sh's: sasrec_video, gru4rec_video,
+# sasrec_beauty, gru4rec_beauty, sasrec_clothing, gru4rec_clothing.
 # Then, through the device tool, with carry [".whl", ".data"] (+ ".runs"):
 #   bash scripts/gpu_session.sh bench       # ~7 min: benchmarks/RESULTS.md input
 #   bash scripts/gpu_session.sh table2 SETTING EPS [SEEDS]

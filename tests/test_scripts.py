@@ -1,8 +1,10 @@
-"""The shell scripts: they parse, and gpu_session.sh's local steps (the ones
-that run on this machine, not on the device) do what their header says."""
+"""The shell scripts: they parse, gpu_session.sh's local steps (the ones
+that run on this machine, not on the device) do what their header says, and
+every setting the headers list has its config."""
 
 import glob
 import os
+import re
 import subprocess
 
 import pytest
@@ -67,3 +69,28 @@ def test_pack_pretrain_refuses_an_unfinished_phase_1(tmp_path):
   assert r.returncode == 1
   assert "seed2/pretrain has no results.json" in r.stderr
   assert not (tmp_path / ".runs").exists()
+
+
+def listed_settings(script: str, start: str, end: str) -> list:
+  """The `<model>_<data>` settings in a script's header from the line that
+  starts with `start` to the one that starts with `end`."""
+  with open(os.path.join(ROOT, "scripts", script)) as f:
+    text = f.read()
+  block = text[text.index(start):]
+  block = block[:block.index(end)]
+  return re.findall(r"\b((?:sasrec|gru4rec)_[a-z0-9]+)\b", block)
+
+
+def test_every_listed_setting_has_a_config():
+  from cat_jax import config_lib
+  cpu = listed_settings("cpu_paper.sh", "# SETTING:", "# STAGE:")
+  gpu_ = listed_settings("gpu_session.sh", "# SETTING is one of",
+                         "# Then,")
+  assert "sasrec_clothing" in cpu and "gru4rec_clothing" in cpu
+  assert sorted(gpu_) == sorted(cpu)
+  for setting in cpu:
+    # cpu_paper.sh: model=${setting%_*}, config configs/$setting.py.
+    model, _, dataset = setting.rpartition("_")
+    assert model in ("sasrec", "gru4rec") and dataset in \
+        config_lib.PAPER_DATASETS, setting
+    assert os.path.exists(os.path.join(ROOT, "configs", f"{setting}.py"))
