@@ -387,9 +387,10 @@ def describe(ds: Dataset) -> dict:
   out = {
       "users": n, "items": ds.num_items,
       "interactions": int(lengths.sum()),
-      "avg_length": float(lengths.mean()),
+      # Rounded for reading (Table 1 gives density to 2-3 digits too).
+      "avg_length": round(float(lengths.mean()), 2),
       "max_length": int(lengths.max()),
-      "density": float(lengths.sum() / max(n * ds.num_items, 1)),
+      "density": float(f"{lengths.sum() / max(n * ds.num_items, 1):.3g}"),
   }
   if ds.num_fake_users:
     out["fake_users"] = ds.num_fake_users

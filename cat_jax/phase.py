@@ -123,6 +123,31 @@ def _duration(seconds: float) -> str:
   return f"{seconds / 3600:.1f} h"
 
 
+def _losses_line(avg: dict, runs: int = 0) -> str:
+  """'loss 3.5212 (bce 1.1640, adv1 0.2805, adv2 2.0767)': only the terms
+  the method has (phase 1 and `none`: the loss alone, which is the BCE)."""
+  adv = [k for k in ("adv1", "adv2") if avg.get(k, 0.0) != 0.0]
+  terms = ", ".join(f"{k} {avg[k]:.4f}" for k in ["bce"] + adv) if adv else ""
+  if runs:
+    terms += f"{'; ' if terms else ''}mean of {runs} runs"
+  return f"loss {avg['loss']:.4f}" + (f" ({terms})" if terms else "")
+
+
+def _compiles(fn) -> bool:
+  """Whether the next call of jitted `fn` compiles it (nothing in its
+  in-memory cache yet; False when that cannot be told, e.g. a program
+  compiled ahead of time). A `train.make_train_epoch` epoch carries its
+  jitted program as `fn.program`."""
+  size = getattr(getattr(fn, "program", fn), "_cache_size", None)
+  return size is not None and size() == 0
+
+
+def _cache_note() -> str:
+  """Where compiled programs are kept for later runs, if anywhere."""
+  path = jax.config.jax_compilation_cache_dir
+  return f" (kept in {path} for later runs)" if path else ""
+
+
 def order_key(config, epoch: int) -> jax.Array:
   """The key that orders the length buckets' batches in `epoch` (shared by
   all runs of a vectorized group; see `batching`)."""
@@ -147,6 +172,10 @@ def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
     active = runs.active(patience)
     if not active:
       break
+    if epoch == start + 1 and _compiles(epoch_fn):
+      logging.info("[%s] compiling this phase's training program%s, then "
+                   "training epoch %d/%d", phase, _cache_note(), epoch,
+                   epochs)
     t0 = time.time()
     step0 = int(np.ravel(jax.device_get(state.step))[0])
     state, terms = epoch_fn(state, data, pert, runs.epoch_key(epoch),
@@ -158,9 +187,7 @@ def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
     n_steps = len(terms[0]["loss"]) * len(runs)
     means = [{k: float(np.mean(v)) for k, v in t.items()} for t in terms]
     avg = {k: np.mean([means[r][k] for r in active]) for k in means[0]}
-    losses_line = "loss %.4f (bce %.4f adv1 %.4f adv2 %.4f%s)" % (
-        avg["loss"], avg["bce"], avg["adv1"], avg["adv2"],
-        f"; mean of {len(active)} runs" if runs.stacked else "")
+    losses_line = _losses_line(avg, len(active) if runs.stacked else 0)
     if epoch == start + 1:
       # The first epoch of a process includes compiling the epoch; it is
       # reported on its own and left out of throughput and ETA.
@@ -234,9 +261,11 @@ def _resume(runs: _Runs, state, patience: int):
   state = runs.join([checkpoints.restore(m, runs.take(state, r))
                      for r, m in enumerate(runs.latest)])
   for r, sel in enumerate(runs.selection):
-    logging.info("[%s] resumed%s from epoch %d (best %s %.4f at epoch %d%s)",
-                 runs.phase, runs.where(r), steps[r], runs.select, sel.value,
-                 sel.epoch, ", stopped early" if sel.stopped(patience) else "")
+    best = (f"best validation {runs.select} so far {sel.value:.4f}, at "
+            f"epoch {sel.epoch}" if sel.epoch >= 0 else "not validated yet")
+    logging.info("[%s] resumed%s from epoch %d (%s)%s", runs.phase,
+                 runs.where(r), steps[r], best,
+                 "; it had stopped early" if sel.stopped(patience) else "")
   return state, int(max(going or steps))
 
 
@@ -278,6 +307,9 @@ def run_phase(phase: str, state, epochs: int, epoch_fn, pert,
           checkpoints.read_json(p) for p in results_paths]
 
     def validate(params):
+      if _compiles(ranker):
+        logging.info("[%s] compiling the ranking program for validation",
+                     phase)
       r = np.asarray(ranker(params, *evaluate.split_inputs(data, "valid"),
                             data["history"]))
       return [evaluate.summarize(x, config.eval.ks)
