@@ -8,10 +8,13 @@ Library (internal item ids 1..N, 0 = padding):
 
 Command (the data's own user and item ids in and out):
 
+  python -m cat_jax.recommend --workdir=runs/x --k=20 --out=recs.jsonl
   python -m cat_jax.recommend --workdir=runs/x --phase=cas --k=20 --out=recs.jsonl
   python -m cat_jax.recommend --workdir=runs/x --phase=cas --k=20 \\
       --users=users.txt --out=recs.jsonl
 
+Without `--phase`, the phase-2 method trained last (`default_phase`), or
+phase 1 when none has finished; the first line on stderr names the phase.
 Without `--users` every user of the run's data is recommended for, from the
 whole sequence (all interactions known, validation and test items
 included). With `--users=FILE` the histories are `uid item item ...` lines in
@@ -39,7 +42,7 @@ import ml_collections
 import numpy as np
 
 from cat_jax import data as data_lib
-from cat_jax import poisoning, sharding
+from cat_jax import checkpoints, poisoning, sharding
 # The workdir's item_ids.txt is written by training (`checkpoints`); the names
 # stay part of this module's API.
 from cat_jax.checkpoints import ITEM_IDS, write_item_ids  # noqa: F401
@@ -238,7 +241,35 @@ def phase_dir(config, workdir: str, phase: str) -> str:
       f"trained phases: {', '.join(trained) if trained else 'none'}")
 
 
-def recommend_run(workdir: str, phase: str, k: int, out: str,
+# Keys of a workdir's results.json that are not phases.
+_NOT_PHASES = ("data", "popularity/valid")
+
+
+def default_phase(config, workdir: str) -> tuple[str, str]:
+  """(phase, why): the phase `--phase` defaults to, and a few words on why.
+
+  The phase-2 method trained last: the last one in `<workdir>/results.json`,
+  which records each phase as it finishes (with
+  `--config.adv.method=none,global,cas`, cas). A run without a finished
+  phase 2 gives phase 1 ('pretrain'). The order of results.json is used
+  rather than file times, which a copy of the workdir does not keep.
+  """
+  trained = set(_trained_phases(workdir))
+  results = checkpoints.read_json(os.path.join(workdir, "results.json"), {})
+  finished = [name for name in results if name not in _NOT_PHASES and
+              name != checkpoints.PRETRAIN and name in trained]
+  if finished:
+    return finished[-1], "the phase-2 method trained last"
+  try:
+    phase_dir(config, workdir, checkpoints.PRETRAIN)
+  except RecommendError:
+    raise RecommendError(
+        f"nothing is trained in {workdir} yet (no phase with a selected "
+        "checkpoint)") from None
+  return checkpoints.PRETRAIN, "phase 1: no phase-2 method has finished"
+
+
+def recommend_run(workdir: str, phase: str | None, k: int, out: str,
                   users: str | None = None, exclude_history: bool = True,
                   batch_size: int = 256, item_chunk: int | None = None,
                   shard_items: bool | None = None, devices: int = 1,
@@ -247,7 +278,7 @@ def recommend_run(workdir: str, phase: str, k: int, out: str,
 
   Args:
     workdir, phase: a finished run and one of its phases ('pretrain',
-      'cas', ...).
+      'cas', ...); None: `default_phase`. The first line logged names it.
     out: the JSON-lines file to write ('-': stdout).
     users: a file of `uid item ...` lines in original ids (None: every user
       of the run's data, with their whole sequence).
@@ -259,7 +290,13 @@ def recommend_run(workdir: str, phase: str, k: int, out: str,
   if k < 1:
     raise RecommendError(f"--k must be >= 1, got {k}")
   config = load_run_config(workdir)
+  why = ""
+  if phase is None:
+    phase, why = default_phase(config, workdir)
   run_dir = phase_dir(config, workdir, phase)
+  # Said first, once the inputs below are read (a mistake is one line).
+  chosen = (f"phase {phase!r} of {workdir}" +
+            (f" ({why}; --phase picks another)" if why else ""))
   mapped = None
   if users is not None:
     user_lines = read_users(users)
@@ -268,6 +305,7 @@ def recommend_run(workdir: str, phase: str, k: int, out: str,
     except FileNotFoundError:
       item_ids = _item_ids_from_data(config, workdir)
     mapped = map_histories(user_lines, item_ids, source=users)
+    log(f"recommending from {chosen}")
     if mapped.message:
       log(f"warning: {mapped.message}")
     histories = mapped.histories
@@ -284,6 +322,7 @@ def recommend_run(workdir: str, phase: str, k: int, out: str,
           "run was trained on changed)")
     histories = ds.sequences
     user_ids = ds.user_ids
+    log(f"recommending from {chosen}")
   from cat_jax import train  # heavy: imported once the inputs are checked
   N = len(item_ids)
   try:
@@ -359,13 +398,34 @@ def _write_lines(out, user_ids, ids, scores, item_ids, unknown):
   os.replace(tmp, out)
 
 
+# Exit codes, as launch.py's: bad input, and a command line that does not
+# parse.
+BAD_INPUT, USAGE = 1, 2
+
+
+def _fail(message: str, code: int):
+  print(f"recommend: error: {' '.join(str(message).split())}",
+        file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv):
+  """absl's flag parsing with one line per mistake, and --help exiting 0."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit:
+    # absl's help flags print the usage, then exit 1.
+    sys.exit(0)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0], USAGE)
+
+
 def main(argv):
   from absl import flags
   from cat_jax import writer
   if len(argv) > 1:
-    print(f"recommend: error: unexpected arguments {argv[1:]}",
-          file=sys.stderr)
-    sys.exit(2)
+    _fail(f"unexpected arguments {argv[1:]}", USAGE)
   writer.quiet_library_logs()
   F = flags.FLAGS
   try:
@@ -377,9 +437,7 @@ def main(argv):
         log=lambda m: print(m, file=sys.stderr))
   except (RecommendError, data_lib.DataError, FileNotFoundError,
           ValueError, OSError) as e:
-    msg = " ".join(str(e).split())
-    print(f"recommend: error: {msg}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e), BAD_INPUT)
   print(json.dumps(summary), file=sys.stderr)
 
 
@@ -389,7 +447,11 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Workdir of a finished run.",
                       required=True)
   flags.DEFINE_string("phase", None, "Phase whose selected checkpoint "
-                      "recommends: pretrain, cas, none, ...", required=True)
+                      "recommends: pretrain, cas, none, ... (default: the "
+                      "phase-2 method trained last, i.e. the last one in "
+                      "<workdir>/results.json, which lists the phases in the "
+                      "order they finished; 'pretrain' when none has; the "
+                      "first line printed names the phase).")
   flags.DEFINE_integer("k", 20, "Items per user.")
   flags.DEFINE_string("users", None, "File of 'uid item item ...' lines in "
                       "original ids (default: every user of the run's data, "
@@ -408,4 +470,4 @@ def define_flags():
 if __name__ == "__main__":
   from absl import app
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

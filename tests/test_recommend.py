@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -259,7 +260,8 @@ def test_command_from_a_users_file_without_data(run, tmp_path, monkeypatch):
   summary = recommend.recommend_run(workdir, "pretrain", 4, out,
                                     users=str(users), log=logged.append)
   assert summary["unknown_items"] == 1 and summary["users_with_unknown"] == 1
-  assert logged == [f"warning: {users}: skipped 1 unknown item id(s) in 1 "
+  assert logged == [f"recommending from phase 'pretrain' of {workdir}",
+                    f"warning: {users}: skipped 1 unknown item id(s) in 1 "
                     f"user(s) (not among the run's {ds.num_items} items); "
                     "first: line 2, item '123456'"]
   recs = _read_jsonl(out)
@@ -270,6 +272,36 @@ def test_command_from_a_users_file_without_data(run, tmp_path, monkeypatch):
   ids, _ = recommend.top_k(model, params, [ds.sequences[0], [5, 10]], 4)
   assert recs[0]["items"] == [ds.item_ids[i - 1] for i in ids[0]]
   assert recs[1]["items"] == [ds.item_ids[i - 1] for i in ids[1]]
+
+
+def test_default_phase_is_the_phase_2_method_trained_last(tmp_path):
+  """results.json lists the phases as they finish; folders without a
+  selected epoch, or not (yet) in results.json, are not candidates."""
+  config = ml_collections.ConfigDict({"train": {"pretrain_dir": ""}})
+
+  def trained(*names, epoch=3):
+    for name in names:
+      os.makedirs(tmp_path / name, exist_ok=True)
+      (tmp_path / name / "best.json").write_text(json.dumps({"epoch": epoch}))
+
+  def results(*names):
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"data": {}, **{n: {} for n in names}, "popularity/valid": {}}))
+
+  with pytest.raises(recommend.RecommendError, match="nothing is trained"):
+    recommend.default_phase(config, str(tmp_path))
+  trained("pretrain")
+  assert recommend.default_phase(config, str(tmp_path))[0] == "pretrain"
+  trained("none", "global", "cas")
+  trained("seq", epoch=-1)                      # never validated
+  trained("linear")                             # interrupted: no results
+  results("pretrain", "none", "global", "cas", "seq")
+  assert recommend.default_phase(config, str(tmp_path)) == (
+      "cas", "the phase-2 method trained last")
+  results("pretrain", "cas", "global")
+  assert recommend.default_phase(config, str(tmp_path))[0] == "global"
+  results("pretrain")
+  assert recommend.default_phase(config, str(tmp_path))[0] == "pretrain"
 
 
 def _cli(*args):
@@ -285,8 +317,9 @@ def test_command_line(run, tmp_path):
   bad_users.write_text("1 2\n7\n")
   out = str(tmp_path / "recs.jsonl")
   procs = {
-      "ok": _cli(f"--workdir={workdir}", "--phase=pretrain", "--k=3",
-                 f"--out={out}"),
+      "ok": _cli(f"--workdir={workdir}", "--k=3", f"--out={out}"),
+      "help": _cli("--help"),
+      "usage": _cli("--phase=cas"),
       "workdir": _cli(f"--workdir={tmp_path}/missing", "--phase=cas",
                       "--out=-"),
       "phase": _cli(f"--workdir={workdir}", "--phase=cas", "--out=-"),
@@ -300,6 +333,15 @@ def test_command_line(run, tmp_path):
   recs = _read_jsonl(out)
   assert len(recs) == ds.num_users and all(len(r["items"]) == 3 for r in recs)
   assert json.loads(err.strip().splitlines()[-1])["users"] == ds.num_users
+  # Without --phase: phase 1, as no phase 2 has finished; said first.
+  assert err.splitlines()[0] == (
+      f"recommending from phase 'pretrain' of {workdir} (phase 1: no "
+      "phase-2 method has finished; --phase picks another)"), err
+  rc, out_help, err = res["help"]
+  assert rc == 0 and "--phase" in out_help and err == ""
+  rc, _, err = res["usage"]
+  assert rc == 2 and err == ("recommend: error: flag --workdir=None: Flag "
+                             "--workdir must have a value other than None.\n")
   expected = {
       "workdir": f"recommend: error: workdir '{tmp_path}/missing' not found",
       "phase": f"recommend: error: phase 'cas' is not trained in {workdir}",
