@@ -8,12 +8,19 @@
 
 All logic lives in `cat_jax.train.train_and_evaluate`. `--show_config`
 prints every config field with its value and its one-line comment.
+
+A mistake prints one `error: ...` line on stderr. Exit codes: 0 done; 1 bad
+input (a config value out of range, the data, the workdir); 2 usage error
+(unknown flag, config field, config file or config argument, a value that
+does not parse); 128+N stopped by signal N (the same command resumes).
 """
 
 import os
+import re
+import signal
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from cat_jax import config_lib
@@ -22,9 +29,30 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")
 
 
-def _fail(message: str, code: int = 2):
+# Exit codes (README): a run that cannot go ahead with what it was given,
+# and a command line that cannot be parsed.
+BAD_INPUT, USAGE = 1, 2
+# absl's help flags, which print the usage and exit 1.
+_HELP_FLAGS = ("?", "h", "help", "helpshort", "helpfull", "helpxml")
+
+
+def _fail(message: str, code: int = USAGE):
+  message = " ".join(str(message).split())  # one line, whatever it holds
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
+
+
+class _Signal(Exception):
+  """SIGTERM before training took over the signals (`checkpoints.Preemption`)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def _raise_signal(signum, frame):
+  del frame
+  raise _Signal(signum)
 
 
 try:
@@ -39,7 +67,9 @@ except Exception as e:  # noqa: BLE001 (reported as one line)
   _fail(config_lib.command_line_error(e, sys.argv, _DEFAULT_CONFIG))
 
 flags.DEFINE_string("workdir", None,
-                    "Output directory (default: runs/<config name>).")
+                    "Output directory (default: runs/ and a name made of the "
+                    "config file and its arguments, e.g. "
+                    "runs/sasrec_video_method-linear_seed1).")
 flags.DEFINE_bool("show_config", False,
                   "Print every config field (value and comment) and exit.")
 flags.DEFINE_bool("retrain", False,
@@ -56,14 +86,60 @@ flags.DEFINE_bool("distributed", False,
 FLAGS = flags.FLAGS
 
 
+def run_name(spec: str) -> str:
+  """A folder name for a --config value (launch.py's default workdir).
+
+  The config file's name, then each of its arguments: a number follows its
+  key ('default.py:eps=0.5' -> 'default_eps0.5'), other values after a '-'
+  ('configs/sasrec_video.py:method=linear,seed=1' ->
+  'sasrec_video_method-linear_seed1'), a path by its file name. Letters,
+  digits, '.', '-' and '_' only.
+  """
+  path, _, arg = spec.partition(":")
+  parts = [os.path.splitext(os.path.basename(path))[0]]
+  for item in arg.split(","):
+    key, _, value = item.partition("=")
+    value = os.path.basename(value.rstrip("/"))
+    numeric = re.fullmatch(r"[-+]?[\d.]+(e[-+]?\d+)?", value)
+    parts.append(key + (value if numeric else f"-{value}" if value else ""))
+  name = "_".join(re.sub(r"[^\w.]+", "-", p, flags=re.ASCII).strip("-.")
+                  for p in parts)
+  return re.sub(r"_+", "_", name).strip("_") or "run"
+
+
+def _asks_for_help(argv) -> bool:
+  return any(a.startswith("-") and a.lstrip("-").partition("=")[0] in
+             _HELP_FLAGS for a in argv[1:])
+
+
+def _flag_hint(message: str) -> str:
+  """' (did you mean --config.train.epochs or --config.adv.epochs?)' for
+  `--epochs`, or ''."""
+  unknown = re.search(r"Unknown command line flag '([\w.]+)'", message)
+  if not unknown:
+    return ""
+  name = unknown.group(1)
+  fields = config_lib.flat_fields(config_lib.base_config())
+  match = [f"--config.{f}" for f in fields if f.endswith("." + name)]
+  return f" (did you mean {' or '.join(match)}?)" if match else ""
+
+
 def parse_flags(argv):
   """absl's flag parsing, with config mistakes as one line each."""
+  argv = ["--help" if a == "-h" else a for a in argv]  # absl knows -? only
   try:
     rest = FLAGS(argv)
     FLAGS.config.to_dict()  # a missing config file only shows up on use
     return rest
+  except SystemExit as e:
+    # absl's --help prints the usage, then exits 1; asking for help is no
+    # mistake.
+    if _asks_for_help(argv):
+      sys.exit(0)
+    raise e
   except (flags.Error, OSError, ValueError, AttributeError) as e:
-    _fail(config_lib.command_line_error(e, argv, _DEFAULT_CONFIG))
+    message = config_lib.command_line_error(e, argv, _DEFAULT_CONFIG)
+    _fail(message + _flag_hint(message))
 
 
 def main(argv):
@@ -73,6 +149,23 @@ def main(argv):
   if FLAGS.show_config:
     print(config_lib.describe(config))
     return
+  # Until training installs its own handler, SIGTERM stops with one line
+  # (and exit code 128 + 15) too; Ctrl-C raises KeyboardInterrupt. Several
+  # hosts leave SIGTERM to JAX's preemption service.
+  if not (FLAGS.distributed or FLAGS.coordinator_address):
+    signal.signal(signal.SIGTERM, _raise_signal)
+  try:
+    _run(config)
+  except _Signal as e:
+    _fail(f"stopped by signal {e.signum} (run the same command to resume)",
+          128 + e.signum)
+  except KeyboardInterrupt:
+    _fail("stopped by Ctrl-C (run the same command to resume)",
+          128 + signal.SIGINT)
+
+
+def _run(config):
+  """Trains and prints the summary; user mistakes exit with one line."""
   from cat_jax import checkpoints, report, train, writer
   writer.quiet_library_logs()
   import jax  # after flag parsing, so --help is fast
@@ -80,19 +173,17 @@ def main(argv):
   if FLAGS.distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
+  # The workdir, JAX and its devices are logged by `train` once the config,
+  # workdir and data are checked, so that a mistake prints its line alone.
   workdir = FLAGS.workdir or os.path.join(
-      "runs", os.path.splitext(os.path.basename(
-          flags.FLAGS["config"].config_filename))[0])
-  logging.info("JAX %s on %s; process %d/%d; workdir %s", jax.__version__,
-               jax.devices(), jax.process_index(), jax.process_count(),
-               workdir)
+      "runs", run_name(FLAGS["config"].config_filename))
   try:
     results = train.train_and_evaluate(config, workdir, retrain=FLAGS.retrain)
   except checkpoints.Interrupted as e:
     _fail(str(e), 128 + e.signum)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     # Bad input: say what is wrong, once, without a deep traceback.
-    _fail(str(e), 1)
+    _fail(str(e), BAD_INPUT)
   if writer.is_chief():
     print(report.run_summary(results, workdir, config))
 
