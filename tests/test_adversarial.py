@@ -618,3 +618,28 @@ def test_train_adv_config_passes_the_magnitude(make_config):
       **{"adv.magnitude": "pamacf"})).magnitude == "pamacf"
   with pytest.raises(ValueError, match="Unknown adv.magnitude 'x'"):
     train.adv_config(make_config(**{"adv.magnitude": "x"}))
+
+
+# --- The weights of Eq. 4.10 -----------------------------------------------
+
+
+def test_lambda1_weighs_adv1_and_lambda2_weighs_adv2(make_config):
+  """loss = bce + lambda1 * adv1 + lambda2 * adv2 with lambda1 != lambda2
+  (equal lambdas, the default, would hide a swap), from the config on."""
+  p, ids, tg, ng, mask, w, pert = toy_problem(3)
+  key = jax.random.PRNGKey(7)
+  cfg = train.adv_config(make_config(**{"adv.method": "cas", "adv.eps": 0.5,
+                                        "adv.lambda1": 0.25,
+                                        "adv.lambda2": 3.0}))
+  assert (cfg.lambda1, cfg.lambda2) == (0.25, 3.0)
+  get = lambda c: jax.jit(lambda: toy_terms(p, ids, tg, ng, mask, w, pert,
+                                             c, key))()
+  terms = get(cfg)
+  # The terms themselves do not depend on the lambdas.
+  unit = get(cfg._replace(lambda1=1.0, lambda2=1.0))
+  for k in ("bce", "adv1", "adv2"):
+    assert float(terms[k]) == pytest.approx(float(unit[k]), rel=1e-6)
+  bce, adv1, adv2 = (float(terms[k]) for k in ("bce", "adv1", "adv2"))
+  assert adv1 > 0 and abs(adv1 - adv2) > 0.1  # a swap shows
+  assert float(terms["loss"]) == pytest.approx(
+      bce + 0.25 * adv1 + 3.0 * adv2, rel=1e-6)

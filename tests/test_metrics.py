@@ -148,3 +148,31 @@ def test_public_metric_functions_take_numpy_arrays():
     np.testing.assert_array_equal(out[k], ref[k])
   np.testing.assert_array_equal(
       metrics.metrics_from_rank(np.array([1, 4]), (3,))["hr@3"], [1.0, 0.0])
+
+
+def test_the_test_ranking_excludes_the_validation_item():
+  """At test time the validation item is history (`split_inputs`): a model
+  that puts the last item of the window first and the next item second
+  ranks every test target first, and would rank it second if the
+  validation item (the last of the test window) were still a candidate."""
+  from cat_jax import batching, data
+  seqs = [np.arange(1, 6), np.arange(6, 10), np.arange(10, 16)]
+  ds = data.Dataset(sequences=seqs, num_items=15, user_ids=[0, 1, 2],
+                    item_ids=list(range(1, 16)))
+  tables = batching.device_data(data.build_arrays(ds, max_len=4))
+  N = ds.num_items
+
+  def score_fn(_, x):
+    last = jax.nn.one_hot(x[:, -1], N + 1)
+    return 10.0 * last + 9.0 * jnp.roll(last, 1, axis=1)
+
+  ranker = evaluate.make_ranker(score_fn, N, batch_size=2)
+  for split in ("valid", "test"):
+    inputs, targets, users, extra = evaluate.split_inputs(tables, split)
+    last = np.asarray(inputs)[:, -1]
+    np.testing.assert_array_equal(np.asarray(targets), last + 1)
+    if split == "test":  # the window ends with the validation item
+      np.testing.assert_array_equal(last, np.asarray(
+          tables["valid_targets"]))
+    ranks = ranker(None, inputs, targets, users, extra, tables["history"])
+    np.testing.assert_array_equal(np.asarray(ranks), [1, 1, 1])
