@@ -42,17 +42,19 @@ def _fail(message: str, code: int = USAGE):
   sys.exit(code)
 
 
-class _Signal(Exception):
-  """SIGTERM before training took over the signals (`checkpoints.Preemption`)."""
+def _exit_on_signal(signum, frame):
+  """SIGTERM or Ctrl-C outside training (`checkpoints.Preemption` handles
+  them during it, with a checkpoint): stop at once, with one line.
 
-  def __init__(self, signum: int):
-    super().__init__(signum)
-    self.signum = signum
-
-
-def _raise_signal(signum, frame):
+  An exception raised here could land in a callback that swallows it (JAX's
+  garbage-collection callback does), so the process exits right here;
+  nothing is left half-written that matters (files are written atomically,
+  the workdir lock is released by the kernel).
+  """
   del frame
-  raise _Signal(signum)
+  print(f"error: stopped by signal {signum} (run the same command to "
+        "resume)", file=sys.stderr, flush=True)
+  os._exit(128 + signum)
 
 
 try:
@@ -149,17 +151,15 @@ def main(argv):
   if FLAGS.show_config:
     print(config_lib.describe(config))
     return
-  # Until training installs its own handler, SIGTERM stops with one line
-  # (and exit code 128 + 15) too; Ctrl-C raises KeyboardInterrupt. Several
-  # hosts leave SIGTERM to JAX's preemption service.
+  # Several hosts leave SIGTERM to JAX's preemption service.
+  signals = [signal.SIGINT]
   if not (FLAGS.distributed or FLAGS.coordinator_address):
-    signal.signal(signal.SIGTERM, _raise_signal)
+    signals.append(signal.SIGTERM)
+  for s in signals:
+    signal.signal(s, _exit_on_signal)
   try:
     _run(config)
-  except _Signal as e:
-    _fail(f"stopped by signal {e.signum} (run the same command to resume)",
-          128 + e.signum)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt:  # a second Ctrl-C during training
     _fail("stopped by Ctrl-C (run the same command to resume)",
           128 + signal.SIGINT)
 
