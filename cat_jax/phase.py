@@ -32,10 +32,23 @@ def _check_finite(terms: dict, step0: int, phase: str, where: str = ""):
     i = int(bad[0])
     named = ", ".join(f"{k}={float(np.asarray(v)[i]):.4g}"
                       for k, v in sorted(terms.items()))
+    restored = _RESTORED.get((phase, where))
+    if restored is not None and restored[0] == step0:
+      aside = os.path.join(os.path.dirname(os.path.dirname(restored[1])),
+                           checkpoints.ASIDE)
+      advice = (
+          f"This is the first epoch after restoring {restored[1]}, so that "
+          "checkpoint is the likely cause (damaged in a way its checks "
+          "missed, or saved without a checksum by an older version): move "
+          f"it into {aside}/ and run the same command to resume from the "
+          "one before it; only if the loss is still not finite, lower "
+          "train.lr or adv.eps.")
+    else:
+      advice = ("The last good checkpoint is kept; lower train.lr or adv.eps "
+                "and restart.")
     raise NonFiniteLoss(
         f"Non-finite loss in phase {phase!r}{where} at step {step0 + i + 1} "
-        f"({named}). The last good checkpoint is kept; lower train.lr or "
-        "adv.eps and restart.")
+        f"({named}). {advice}")
 
 
 def take_run(tree, r: int):
@@ -240,12 +253,61 @@ def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
   return state
 
 
+# Per (phase, run): the global step right after its state was restored, and
+# the checkpoint it came from; a non-finite loss in the epoch that follows
+# names that checkpoint (`_check_finite`).
+_RESTORED = {}
+
+
+def _restore_intact(runs: _Runs, state, patience: int):
+  """(state, epoch of each run) from the runs' intact checkpoints.
+
+  A damaged checkpoint is moved aside and the next one tried: the older
+  `latest`, the selected `best`, the phase start
+  (`checkpoints.RunCheckpoints.rank`); one line per run says what was
+  damaged and where training resumes. Stacked runs that still train resume
+  at one epoch that each of them has intact, the first in that order for
+  the run that lost most.
+  """
+  ckpts = [checkpoints.RunCheckpoints(
+      runs.latest[r], runs.best[r], runs.selection[r], runs.take(state, r),
+      runs.pdirs[r]) for r in range(len(runs))]
+  for r, c in enumerate(ckpts):
+    runs.selection[r] = c.check_selection()
+  active = runs.active(patience)
+  found = {r: ckpts[r].first() for r in range(len(runs)) if r not in active}
+  while active:
+    epoch = min(set.intersection(*(ckpts[r].epochs() for r in active)),
+                key=lambda e: max(ckpts[r].rank(e) for r in active))
+    got = {r: ckpts[r].state_at(epoch) for r in active}
+    if all(got.values()):
+      found.update(got)
+      break
+  for r in active:
+    ckpts[r].set_aside_after(found[r].epoch)
+  for r, c in enumerate(ckpts):
+    where, f = runs.where(r), found[r]
+    c.settle(f)
+    if f.epoch > 0:
+      _RESTORED[(runs.phase, where)] = (
+          int(np.ravel(jax.device_get(f.state.step))[0]),
+          os.path.join(runs.pdirs[r], f.source))
+    if c.notes:
+      logging.warning("[%s]%s %s; training resumes from %s (epoch %d)",
+                      runs.phase, where, "; ".join(c.notes), f.source,
+                      f.epoch)
+  return (runs.join([found[r].state for r in range(len(runs))]),
+          [found[r].epoch for r in range(len(runs))])
+
+
 def _resume(runs: _Runs, state, patience: int):
   """(state, start epoch) from the runs' latest checkpoints, if any.
 
   Runs that stopped early are finished; the others must have been saved at
-  the same epoch.
+  the same epoch. Damaged checkpoints are moved aside and training falls
+  back to an intact state (`_restore_intact`).
   """
+  _RESTORED.clear()
   steps = [m.latest_step() for m in runs.latest]
   if all(s is None for s in steps):
     return state, 0
@@ -258,8 +320,8 @@ def _resume(runs: _Runs, state, patience: int):
     raise ValueError(
         f"[{runs.phase}] the runs in {runs.pdirs} were saved at different "
         f"epochs ({steps}); resume them one at a time with launch.py.")
-  state = runs.join([checkpoints.restore(m, runs.take(state, r))
-                     for r, m in enumerate(runs.latest)])
+  state, steps = _restore_intact(runs, state, patience)
+  going = {steps[r] for r in runs.active(patience)}
   for r, sel in enumerate(runs.selection):
     best = (f"best validation {runs.select} so far {sel.value:.4f}, at "
             f"epoch {sel.epoch}" if sel.epoch >= 0 else "not validated yet")
@@ -295,8 +357,9 @@ def run_phase(phase: str, state, epochs: int, epoch_fn, pert,
         raise RuntimeError(f"[{phase}]{runs.where(r)} no evaluation was run; "
                            "nothing to test.")
     return runs.join([
-        checkpoints.restore(runs.best[r], runs.take(template, r),
-                            step=sel.epoch)
+        checkpoints.RunCheckpoints(runs.latest[r], runs.best[r], sel, None,
+                                   runs.pdirs[r]).selected(
+                                       runs.take(template, r))
         for r, sel in enumerate(runs.selection)])
 
   try:
