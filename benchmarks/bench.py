@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cat_jax import adversarial, batching, cascade, config_lib, data, evaluate
+from cat_jax import adversarial, batching, cascade, compilation, config_lib
+from cat_jax import data, evaluate
 from cat_jax import models
 from cat_jax import recommend, train
 
@@ -112,6 +113,11 @@ def protocol_config(name: str, model_name: str, epochs, eval_every: int):
   c.train.eval_every = eval_every
   c.train.log_every = max(epochs)
   c.adv.method, c.adv.eps = "cas", 0.1
+  # The protocol time includes compiling: cold unless a cache is asked for
+  # ($CAT_COMPILATION_CACHE or $JAX_COMPILATION_CACHE_DIR).
+  c.compilation_cache = "auto" if (
+      os.environ.get(compilation.ENV) or
+      os.environ.get("JAX_COMPILATION_CACHE_DIR")) else "off"
   return c
 
 

@@ -90,6 +90,9 @@ SCOPES = ("row", "batch")
 DIRECTIONS = ("input", "weighted")
 BUDGETS = ("equal", "mean")
 MAGNITUDES = ("uniform", "pamacf")
+# AdvConfig fields that are plain numbers in every formula (never a shape or
+# a branch), so they can be runtime inputs of a compiled step.
+HYPERPARAMS = ("eps", "lambda1", "lambda2", "xi")
 
 
 class AdvConfig(NamedTuple):
@@ -125,6 +128,25 @@ class AdvConfig(NamedTuple):
   direction: str = "input"
   budget: str = "equal"
   magnitude: str = "uniform"
+
+  def hyperparams(self) -> dict:
+    """{'eps', 'lambda1', 'lambda2', 'xi'}: the values that change no shape.
+
+    A train step can take them as runtime inputs (`with_hyperparams` inside
+    the traced function), so that one compiled program serves every eps and
+    every method that shares `structure()`.
+    """
+    return {k: getattr(self, k) for k in HYPERPARAMS}
+
+  def with_hyperparams(self, hparams: dict | None) -> "AdvConfig":
+    """This config with the values of `hparams` (traced arrays allowed)."""
+    return self if hparams is None else self._replace(**hparams)
+
+  def structure(self) -> "AdvConfig":
+    """What shapes the computation graph: this config without the values of
+    `hyperparams` (a hashable key: equal for global and the cascade methods
+    at any eps, for instance)."""
+    return self._replace(**{k: 0.0 for k in HYPERPARAMS})
 
 
 def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
@@ -474,12 +496,15 @@ def adv_step(encode: Callable[[jax.Array], jax.Array], S: jax.Array,
 
 
 def make_objective(model, cfg: AdvConfig):
-  """objective(params, batch, rng) -> (loss, terms) for the train step.
+  """objective(params, batch, rng, hparams=None) -> (loss, terms).
 
   batch: dict with 'inputs', 'targets', 'negatives' [B, T] int, 'weights' and
-  'pert' [B, T] float.
+  'pert' [B, T] float. `hparams` ({'eps', 'lambda1', 'lambda2', 'xi'}, scalars
+  that may be traced) replace those values of `cfg`: then only
+  `cfg.structure()` is baked into a compiled step.
   """
-  def objective(params, batch, rng):
+  def objective(params, batch, rng, hparams=None):
+    cfg_ = cfg.with_hyperparams(hparams)
     drop_rng, adv_rng = jax.random.split(rng)
     inputs = batch["inputs"]
     mask = inputs > 0
@@ -488,6 +513,6 @@ def make_objective(model, cfg: AdvConfig):
     pos, neg = E[batch["targets"]], E[batch["negatives"]]
     encode = lambda s: model.encode(params, s, mask, train=True, rng=drop_rng)
     terms = adv_step(encode, S, pos, neg, batch["weights"], batch["pert"],
-                     adv_rng, cfg)
+                     adv_rng, cfg_)
     return terms["loss"], terms
   return objective

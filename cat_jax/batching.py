@@ -261,26 +261,46 @@ def train_plan(users: np.ndarray, lengths: np.ndarray,
                    mean_length=float(np.mean(lengths)))
 
 
-def epoch_order(plan: TrainPlan, perm_key: jax.Array, order_key: jax.Array):
+def order_arrays(plan: TrainPlan) -> dict:
+  """The plan's arrays as device arrays, the `order` of `epoch_order`.
+
+  Passed to the compiled epoch as inputs rather than closed over, so that
+  the program holds no data (only shapes) and a cached program serves any
+  plan of the same shape.
+  """
+  return {"users": jnp.asarray(plan.users),
+          "bucket": jnp.asarray(plan.bucket, jnp.float32),
+          "slot_pos": jnp.asarray(plan.slot_pos),
+          "slot_real": jnp.asarray(plan.slot_real),
+          "batch_bucket": jnp.asarray(plan.batch_bucket)}
+
+
+def epoch_order(plan: TrainPlan, perm_key: jax.Array, order_key: jax.Array,
+                order: dict | None = None):
   """One epoch's batches, on the device (traceable under `jit`/`vmap`).
 
   Args:
-    plan: the static layout.
+    plan: the layout (only its batch size and step count are read when
+      `order` is given).
     perm_key: the run's key; shuffles users within each bucket.
     order_key: shared key; shuffles the batches of all buckets together.
+    order: `order_arrays(plan)` (traced inputs); default: the plan's own
+      arrays, which then become constants of the program.
 
   Returns:
     (bucket [S] int32, users [S, B] int32 table rows, real [S, B] bool).
   """
   B = plan.batch_size
+  if order is None:
+    order = order_arrays(plan)
   # Sorting by bucket + a uniform in [0, 1) shuffles within buckets only.
-  noise = jax.random.uniform(perm_key, plan.bucket.shape)
-  within = jnp.argsort(jnp.asarray(plan.bucket, jnp.float32) + noise)
-  shuffled = jnp.asarray(plan.users)[within]
-  users = shuffled[jnp.asarray(plan.slot_pos)].reshape(-1, B)
-  real = jnp.asarray(plan.slot_real).reshape(-1, B)
+  noise = jax.random.uniform(perm_key, order["bucket"].shape)
+  within = jnp.argsort(order["bucket"] + noise)
+  shuffled = order["users"][within]
+  users = shuffled[order["slot_pos"]].reshape(-1, B)
+  real = order["slot_real"].reshape(-1, B)
   steps = jax.random.permutation(order_key, plan.num_steps)
-  return (jnp.asarray(plan.batch_bucket)[steps], users[steps], real[steps])
+  return (order["batch_bucket"][steps], users[steps], real[steps])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,25 +330,32 @@ def eval_plan(lengths: np.ndarray, bounds: Sequence[int]) -> EvalPlan:
 
 def bucketed(ranks_fn, plan: EvalPlan | None):
   """Wraps ranks(params, inputs [E, T], targets, users, extra, *rest) -> [E]
-  so that each bucket's rows run on their last T_b columns.
+  into ranks(rows, params, inputs, ...) so that each bucket's rows run on
+  their last T_b columns.
 
-  The rows of each bucket are gathered, ranked, and scattered back; rows in
-  no bucket (padding rows of sharded tables) keep rank 0. Without a plan,
-  `ranks_fn` is returned unchanged.
+  `rows` is `plan.rows` as arrays (an input of the compiled program, not a
+  constant in it, so the program holds no data); only `plan.lengths` is
+  read here. The rows of each bucket are gathered, ranked, and scattered
+  back; rows in no bucket (padding rows of sharded tables) keep rank 0.
+  Without a plan, `rows` is ignored and every row runs at T.
   """
-  if plan is None:
-    return ranks_fn
-
-  def ranks(params, inputs, targets, users, extra, *rest):
+  def ranks(rows, params, inputs, targets, users, extra, *rest):
+    if plan is None:
+      return ranks_fn(params, inputs, targets, users, extra, *rest)
     T = inputs.shape[1]
     out = jnp.zeros(inputs.shape[0], jnp.int32)
-    for t, rows in zip(plan.lengths, plan.rows):
-      r = ranks_fn(params, inputs[rows, T - t:], targets[rows], users[rows],
-                   extra[rows], *rest)
-      out = out.at[rows].set(r)
+    for t, r in zip(plan.lengths, rows):
+      got = ranks_fn(params, inputs[r, T - t:], targets[r], users[r],
+                     extra[r], *rest)
+      out = out.at[r].set(got)
     return out
 
   return ranks
+
+
+def row_arrays(plan: EvalPlan | None) -> tuple:
+  """The `rows` input of a `bucketed` ranker: one int32 array per bucket."""
+  return () if plan is None else tuple(jnp.asarray(r) for r in plan.rows)
 
 
 def train_window_lengths(ds: data_lib.Dataset, users: np.ndarray,

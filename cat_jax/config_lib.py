@@ -23,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Seed for parameter init, data order, negatives, dropout and perturbations.
   c.seed = 0
+  # Persistent XLA compilation cache: 'auto' ($CAT_COMPILATION_CACHE, else
+  # ~/.cache/cat_jax/xla), 'off', or a folder (cat_jax/compilation.py).
+  c.compilation_cache = "auto"
 
   c.data = ml_collections.ConfigDict()
   # 'synthetic' (built in, no download) or 'file' (read data.path).

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from cat_jax import batching, metrics, sharding
+from cat_jax import batching, compilation, metrics, sharding
 
 
 def history_mask(history: jax.Array, extra: jax.Array,
@@ -99,8 +99,24 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
 
   ranks = batching.bucketed(ranks, plan)
   if runs:
-    ranks = jax.vmap(ranks, in_axes=(0,) + (None,) * 5)
-  return _jit_replicated(ranks, mesh)
+    ranks = jax.vmap(ranks, in_axes=(None, 0) + (None,) * 5)
+  return _with_rows(_jit_replicated(ranks, mesh), plan, mesh)
+
+
+def _with_rows(program, plan, mesh):
+  """ranks(params, ...) calling the jitted `program(rows, params, ...)` of a
+  `batching.bucketed` ranker with the plan's rows; `.program` is the jitted
+  function (its compile cache, `lower`)."""
+  rows = batching.row_arrays(plan)
+  if mesh is not None:
+    rows = sharding.replicate(rows, mesh)
+
+  def ranks(*args):
+    return program(rows, *args)
+
+  ranks.program = program
+  ranks._cache_size = program._cache_size  # noqa: SLF001 (as jax's)
+  return ranks
 
 
 def _skip_padding(ranks, targets):
@@ -108,9 +124,11 @@ def _skip_padding(ranks, targets):
 
 
 def _jit_replicated(fn, mesh):
+  options = compilation.compiler_options()
   if mesh is None:
-    return jax.jit(fn)
-  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
+    return jax.jit(fn, compiler_options=options)
+  return jax.jit(fn, out_shardings=sharding.replicated(mesh),
+                 compiler_options=options)
 
 
 def make_chunked_ranker(model, num_items: int, batch_size: int,
@@ -180,7 +198,8 @@ def make_chunked_ranker(model, num_items: int, batch_size: int,
 
     return map_batches(one, (inputs, targets, users, extra), batch_size)
 
-  return _jit_replicated(batching.bucketed(ranks, plan), mesh)
+  return _with_rows(_jit_replicated(batching.bucketed(ranks, plan), mesh),
+                    plan, mesh)
 
 
 def summarize(ranks: np.ndarray, ks: Sequence[int]) -> dict:

@@ -427,6 +427,8 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}", USAGE)
   writer.quiet_library_logs()
+  from cat_jax import compilation
+  compilation.setup_cache()
   F = flags.FLAGS
   try:
     summary = recommend_run(

@@ -28,9 +28,10 @@ import ml_collections
 import optax
 from absl import logging
 
-from cat_jax import adversarial, batching, cascade, checkpoints
+from cat_jax import adversarial, batching, cascade, checkpoints, compilation
 from cat_jax import data as data_lib
 from cat_jax import evaluate, models, poisoning, sampling, sharding
+from cat_jax import workdir_lock
 from cat_jax.phase import run_phase
 from cat_jax.writer import JsonlWriter, is_chief
 
@@ -66,13 +67,14 @@ sharded_device_data = batching.sharded_device_data
 
 
 def make_train_epoch(objective, optimizer, num_items: int,
-                     plan: batching.TrainPlan, mesh=None, runs: bool = False):
-  """Jitted `epoch(state, data, pert, key, order_key) -> (state, terms)`.
+                     plan: batching.TrainPlan, mesh=None, runs: bool = False,
+                     hparams: dict | None = None, program=None):
+  """(`epoch(state, data, pert, key, order_key) -> (state, terms)`, steps).
 
   One epoch is a `lax.scan` over the plan's steps with nothing crossing to
   the host: users are shuffled on device (`batching.epoch_order`), a batch
   of length bucket b runs on the last T_b columns of its windows (a
-  `lax.switch` over the buckets, all compiled into this one program), the
+  `lax.switch` over the buckets, all compiled into one program), the
   fill of each bucket's last batch gets weight 0, and negatives are sampled
   on device. `pert` is the [U, T] level-1 weight table. `terms` holds each
   loss term per step ([steps] arrays). With a `mesh`, each batch is split
@@ -80,6 +82,46 @@ def make_train_epoch(objective, optimizer, num_items: int,
 
   `key` is the run's key (users, negatives, dropout, perturbations);
   `order_key` orders the buckets' batches and is shared by all runs.
+
+  What is compiled (`epoch_program`) depends on shapes and on the method's
+  structure only: the plan's arrays, the weight table, the keys and
+  `hparams` ({'eps', 'lambda1', 'lambda2', 'xi'}, see
+  `adversarial.AdvConfig.hyperparams`; passed on to `objective`) are
+  runtime inputs. So an eps sweep, or `global` and the cascade methods,
+  reuse one program: pass the `program` of an earlier call with the same
+  objective structure and plan shape (the persistent compilation cache
+  also finds it across processes). Without `hparams` the objective's own
+  values are compiled in.
+
+  With `runs=True` the epoch trains several independent runs at once: `state`
+  is stacked over a leading run axis (see `init_states`) and `key` is [R, 2];
+  each run keeps its own data order, negatives and dropout, and `terms` are
+  [R, steps]. One small model leaves an accelerator mostly idle, so seeds
+  share one program this way.
+  """
+  if program is None:
+    program = epoch_program(objective, optimizer, num_items, plan, mesh, runs)
+  order = batching.order_arrays(plan)
+  if mesh is not None:
+    order = sharding.replicate(order, mesh)
+  hp = {k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()}
+
+  def epoch(state, data, pert, key, order_key):
+    return program(state, data, pert, hp, order, key, order_key)
+
+  epoch.program = program
+  epoch.lower = lambda state, data, pert, key, order_key: program.lower(
+      state, data, pert, hp, order, key, order_key)
+  return epoch, plan.num_steps
+
+
+def epoch_program(objective, optimizer, num_items: int,
+                  plan: batching.TrainPlan, mesh=None, runs: bool = False):
+  """The jitted `epoch(state, data, pert, hparams, order, key, order_key)`.
+
+  Depends on the plan only through its shape (`batching.TrainPlan.shape`:
+  bucket lengths, users, steps, batch size, mean length); `order` holds its
+  arrays (`batching.order_arrays`). See `make_train_epoch`.
 
   Loss scale: the objective is a mean over the batch's real positions (the
   SASRec convention). Bucketed batches hold users of similar length, so
@@ -90,26 +132,24 @@ def make_train_epoch(objective, optimizer, num_items: int,
   is therefore scaled by (real positions of the batch) / (B x mean window
   length): a sum over positions divided by what an average batch holds, so
   every position weighs what it weighs in unbucketed training.
-
-  With `runs=True` the epoch trains several independent runs at once: `state`
-  is stacked over a leading run axis (see `init_states`) and `key` is [R, 2];
-  each run keeps its own data order, negatives and dropout, and `terms` are
-  [R, steps]. One small model leaves an accelerator mostly idle, so seeds
-  share one program this way.
   """
   sharding.check_divisible(plan.batch_size, mesh, "train.batch_size")
   norm = plan.batch_size * plan.mean_length if len(plan.lengths) > 1 else None
+  num_steps, lengths = plan.num_steps, plan.lengths
 
-  def loss_fn(params, batch, rng):
-    loss, terms = objective(params, batch, rng)
+  def loss_fn(params, batch, rng, hparams):
+    # Objectives without runtime hyperparameters take three arguments.
+    loss, terms = (objective(params, batch, rng, hparams) if hparams
+                   else objective(params, batch, rng))
     if norm is None:
       return loss, terms
     return loss * (jnp.sum(batch["weights"]) / norm), terms
 
-  def epoch(state, data, pert, key, order_key):
+  def epoch(state, data, pert, hparams, order, key, order_key):
     perm_key, step_key = jax.random.split(key)
-    buckets, idx, real = batching.epoch_order(plan, perm_key, order_key)
-    keys = jax.random.split(step_key, plan.num_steps)
+    buckets, idx, real = batching.epoch_order(plan, perm_key, order_key,
+                                              order)
+    keys = jax.random.split(step_key, num_steps)
     T = data["train_inputs"].shape[1]
 
     def at_length(t):
@@ -128,14 +168,14 @@ def make_train_epoch(objective, optimizer, num_items: int,
             "pert": pert[u][:, cols],
         }
         grads, terms = jax.grad(loss_fn, has_aux=True)(
-            state.params, batch, obj_key)
+            state.params, batch, obj_key, hparams)
         updates, opt_state = optimizer.update(grads, state.opt_state,
                                               state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), terms
       return step
 
-    branches = [at_length(t) for t in plan.lengths]
+    branches = [at_length(t) for t in lengths]
 
     def step(state, xs):
       b, u, real_user, k = xs
@@ -147,8 +187,9 @@ def make_train_epoch(objective, optimizer, num_items: int,
     return jax.lax.scan(step, state, (buckets, idx, real, keys))
 
   if runs:
-    epoch = jax.vmap(epoch, in_axes=(0, None, None, 0, None))
-  return jax.jit(epoch, donate_argnums=0), plan.num_steps
+    epoch = jax.vmap(epoch, in_axes=(0, None, None, None, None, 0, None))
+  return jax.jit(epoch, donate_argnums=0,
+                 compiler_options=compilation.compiler_options())
 
 
 # ----------------------------------------------------------------------------
@@ -156,7 +197,29 @@ def make_train_epoch(objective, optimizer, num_items: int,
 # ----------------------------------------------------------------------------
 
 
+def phase2_methods(config) -> list:
+  """The phase-2 methods of `adv.method`, in order: 'cas' -> ['cas'],
+  'none,global,cas' -> ['none', 'global', 'cas'] (each trained from the one
+  phase 1, at the same adv settings)."""
+  names = [m.strip() for m in str(config.adv.method).split(",")]
+  if not all(names):
+    raise ValueError(f"adv.method={config.adv.method!r} has an empty entry; "
+                     "write e.g. --config.adv.method=none,global,cas.")
+  if len(set(names)) != len(names):
+    raise ValueError(f"adv.method={config.adv.method!r} names a method "
+                     "twice.")
+  return names
+
+
+def for_method(config, method: str):
+  """A copy of `config` whose phase 2 is `method` alone."""
+  c = config.copy_and_resolve_references()
+  c.adv.method = method
+  return c
+
+
 def adv_config(config) -> adversarial.AdvConfig:
+  """The AdvConfig of a config whose adv.method is one method."""
   a = config.adv
   return adversarial.method_config(a.method, a.eps, a.lambda1, a.lambda2,
                                    a.xi, a.scope, a.relative,
@@ -181,7 +244,8 @@ def validate_config(config):
   if config.model.name not in models.MODELS:
     raise ValueError(f"Unknown model.name {config.model.name!r}; choose one "
                      f"of {models.MODELS}.")
-  adv_config(config)
+  for method in phase2_methods(config):
+    adv_config(for_method(config, method))
   if config.model.dtype not in models.DTYPES:
     raise ValueError(f"Unknown model.dtype {config.model.dtype!r}; choose "
                      f"one of {tuple(models.DTYPES)}.")
@@ -288,14 +352,17 @@ def train_runs(config: ml_collections.ConfigDict, workdirs, seeds,
   A single run is trained without the run axis.
 
   Nothing is written before the config, the workdirs
-  (`checkpoints.check_workdir`) and the data have been checked.
+  (`checkpoints.check_workdir`) and the data have been checked. Each
+  workdir is then locked for the rest of the run (`workdir_lock`): a second
+  run into it stops with one line.
 
   Returns:
     One results dict (as in results.json) per run.
   """
   validate_config(config)
-  with matmul_precision(config):
-    return _train_runs(config, workdirs, seeds, pretrain_dirs, retrain)
+  compilation.setup_cache(config.get("compilation_cache", "auto"))
+  with matmul_precision(config), workdir_lock.Held() as lock:
+    return _train_runs(config, workdirs, seeds, pretrain_dirs, retrain, lock)
 
 
 def make_plans(config, ds: data_lib.Dataset, data: dict):
@@ -326,7 +393,48 @@ def make_plans(config, ds: data_lib.Dataset, data: dict):
 MIN_EVAL_USERS = 100
 
 
-def _train_runs(config, workdirs, seeds, pretrain_dirs, retrain) -> list:
+def _log_start(config, workdirs, ds, stats, data_s, mesh, plan, eval_plan):
+  """The run's first lines: where it writes, on what, and its data."""
+  devices = jax.devices()
+  hosts = (f", process {jax.process_index() + 1} of {jax.process_count()}"
+           if jax.process_count() > 1 else "")
+  logging.info("workdir %s; JAX %s, %d %s device(s)%s", ", ".join(workdirs),
+               jax.__version__, len(devices), devices[0].platform.upper(),
+               hosts)
+  logging.info("data %s: %s (%.1f s)",
+               config.data.path or config.data.name,
+               ", ".join(f"{k} {v}" for k, v in stats.items()), data_s)
+  n_eval = len(data_lib.eval_user_index(ds))
+  if n_eval < MIN_EVAL_USERS:
+    logging.warning(
+        "only %d users have a validation and a test item (fewer than %d): "
+        "each one moves NDCG@10 by up to 1/%d, so the metrics of this run "
+        "are mostly noise.", n_eval, MIN_EVAL_USERS, max(n_eval, 1))
+  logging.info("%d train users, %d steps/epoch (%s), %d items, T=%d, "
+               "%d device(s), %d run(s)", len(plan.users), plan.num_steps,
+               plan.describe(), ds.num_items, config.data.max_len, mesh.size,
+               len(workdirs))
+  if eval_plan is not None:
+    logging.info("evaluation buckets: %s", ", ".join(
+        f"T={t}: {len(r)} users"
+        for t, r in zip(eval_plan.lengths, eval_plan.rows)))
+
+
+def _check_methods(config, workdir, pre_dir, reuse, retrain):
+  """`checkpoints.check_workdir` for each phase-2 method of `config`, merged
+  (the phases to delete of all of them)."""
+  checks = [checkpoints.check_workdir(for_method(config, m), workdir, pre_dir,
+                                      reuse, retrain)
+            for m in phase2_methods(config)]
+  delete = []
+  for check in checks:
+    delete += [d for d in check.delete if d not in delete]
+  return checkpoints.PhaseCheck(
+      delete=delete, pretrain_done=all(c.pretrain_done for c in checks))
+
+
+def _train_runs(config, workdirs, seeds, pretrain_dirs, retrain,
+                lock) -> list:
   if len(workdirs) != len(seeds) or len(set(map(os.path.abspath,
                                                 workdirs))) != len(workdirs):
     raise ValueError(f"Need one distinct workdir per seed; got {workdirs} "
@@ -340,7 +448,9 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs, retrain) -> list:
     c.seed = seed
     c.train.pretrain_dir = pre if reuse else ""
     run_configs.append(c)
-  checks = [checkpoints.check_workdir(c, w, pre, reuse, retrain)
+  # A workdir another run writes: one line at once, before the data.
+  workdir_lock.check_free(workdirs)
+  checks = [_check_methods(c, w, pre, reuse, retrain)
             for c, w, pre in zip(run_configs, workdirs, pre_dirs)]
 
   t0 = time.time()
@@ -352,16 +462,17 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs, retrain) -> list:
   else:
     data = sharding.replicate(
         device_data(data_lib.build_arrays(ds, config.data.max_len)), mesh)
-  logging.info("data: %s (%.1f s)", stats, time.time() - t0)
-  n_eval = len(data_lib.eval_user_index(ds))
-  if n_eval < MIN_EVAL_USERS:
-    logging.warning(
-        "only %d users have a validation and a test item (fewer than %d): "
-        "each one moves NDCG@10 by up to 1/%d, so the metrics of this run "
-        "are mostly noise.", n_eval, MIN_EVAL_USERS, max(n_eval, 1))
   plan, eval_plan = make_plans(config, ds, data)
+  # One writer per workdir: lock them (a run that took one meanwhile stops
+  # this one here), then check them again, as it may have changed them.
+  lock.acquire(workdirs)
+  checks = [_check_methods(c, w, pre, reuse, retrain)
+            for c, w, pre in zip(run_configs, workdirs, pre_dirs)]
 
-  # Everything is checked; from here on the run writes.
+  # Everything is checked; from here on the run writes. The first lines come
+  # only now, so that a mistake above prints its one line alone (launch.py).
+  _log_start(config, workdirs, ds, stats, time.time() - t0, mesh, plan,
+             eval_plan)
   for check, w, c in zip(checks, workdirs, run_configs):
     checkpoints.apply_deletions(check, [w])
     if is_chief():
@@ -408,56 +519,62 @@ def _train_phases(config, run_configs, workdirs, pre_dirs, seeds, stacked,
                                   plan=eval_plan)
   popularity = evaluate.evaluate_popularity(data, N, config.eval.batch_size,
                                             config.eval.ks, mesh=mesh)
+  logging.info("popularity ranker (the baseline to beat): valid %s %.4f",
+               config.eval.select, popularity[config.eval.select])
   results = [{"data": stats, "popularity/valid": popularity} for _ in seeds]
-  def phase(state, name, epochs, objective, pert, out_dirs, phase_keys):
+  programs = {}  # one compiled epoch per method structure (`epoch_program`)
+
+  def phase(state, name, epochs, cfg, pert, out_dirs, phase_keys):
+    objective = adversarial.make_objective(model, cfg)
+    key = cfg.structure()
+    if key not in programs:
+      programs[key] = epoch_program(objective, optimizer, N, plan, mesh,
+                                    runs=stacked)
     epoch_fn, _ = make_train_epoch(objective, optimizer, N, plan, mesh,
-                                   runs=stacked)
+                                   runs=stacked, hparams=cfg.hyperparams(),
+                                   program=programs[key])
     return run_phase(name, state, epochs, epoch_fn, pert, data, ranker,
                      config, out_dirs, writers, phase_keys, stacked,
                      preemption)
 
   # Phase 1: base model.
   uniform = (data["train_inputs"] > 0).astype(jnp.float32)
-  logging.info("%d train users, %d steps/epoch (%s), %d items, T=%d, "
-               "%d devices, %d run(s)", len(plan.users), plan.num_steps,
-               plan.describe(), N, T, mesh.size, len(seeds))
-  if eval_plan is not None:
-    logging.info("evaluation buckets: %s", ", ".join(
-        f"T={t}: {len(r)} users"
-        for t, r in zip(eval_plan.lengths, eval_plan.rows)))
   if config.train.epochs > 0:
     for c, pre in zip(run_configs, pre_dirs):
       pdir = os.path.join(pre, checkpoints.PRETRAIN)
       if not os.path.exists(os.path.join(pdir, "signature.json")):
         checkpoints.write_signature(c, pdir, checkpoints.PRETRAIN)
     state, best, res = phase(state, "pretrain", config.train.epochs,
-                             adversarial.make_objective(
-                                 model, adversarial.method_config("none")),
-                             uniform, pre_dirs, pre_keys)
+                             adversarial.method_config("none"), uniform,
+                             pre_dirs, pre_keys)
     if config.adv.init == "best":
       state = best
     for w, r, x in zip(workdirs, results, res):
       r["pretrain"] = x
       _update_json(os.path.join(w, "results.json"), "pretrain", x)
 
-  # Phase 2: adversarial method from the phase-1 state.
-  if config.adv.epochs > 0:
-    method = config.adv.method
+  # Phase 2: each adversarial method from the same phase-1 state (and the
+  # same keys, so that each gives what it gives when trained alone).
+  methods = phase2_methods(config) if config.adv.epochs > 0 else []
+  for i, method in enumerate(methods):
+    mconfig = for_method(config, method)
     t_c = time.time()
     pert = cascade.weights_for_method(data["train_inputs"],
                                       config.train.batch_size, method,
                                       num_users=ds.num_users)
-    logging.info("level-1 weights for %s in %.2f s", method, time.time() - t_c)
+    if method in adversarial.CASCADE_METHODS:  # the others' are uniform
+      logging.info("[%s] cascade weights (Eq. 4.11) in %.1f s", method,
+                   time.time() - t_c)
     for c, w, pre in zip(run_configs, workdirs, pre_dirs):
       mdir = os.path.join(w, method)
       if not os.path.exists(os.path.join(mdir, "signature.json")):
         checkpoints.write_signature(
-            c, mdir, method, checkpoints.phase1_end(
+            for_method(c, method), mdir, method, checkpoints.phase1_end(
                 os.path.join(pre, checkpoints.PRETRAIN), c.adv.init))
-    state, _, res = phase(state, method, config.adv.epochs,
-                          adversarial.make_objective(model,
-                                                     adv_config(config)),
-                          pert, workdirs, adv_keys)
+    # The epoch donates its state: every method but the last trains a copy.
+    start = state if i == len(methods) - 1 else jax.tree.map(jnp.copy, state)
+    _, _, res = phase(start, method, config.adv.epochs, adv_config(mconfig),
+                      pert, workdirs, adv_keys)
     for w, r, x in zip(workdirs, results, res):
       r[method] = x
       _update_json(os.path.join(w, "results.json"), method, x)

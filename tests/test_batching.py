@@ -165,7 +165,7 @@ def test_bucketed_epoch_compiles_once_with_one_branch_per_bucket(make_config):
   for e in range(3):
     state, terms = epoch(state, dd, pert, jax.random.PRNGKey(e),
                          jax.random.PRNGKey(e))
-  assert epoch._cache_size() == 1
+  assert epoch.program._cache_size() == 1
   assert sorted(set(traced)) == sorted(plan.lengths)
   assert len(traced) == len(plan.lengths)  # each branch traced once
   assert int(state.step) == 3 * steps

@@ -35,7 +35,7 @@ import os
 import jax
 from absl import app, flags, logging
 
-from cat_jax import batching, checkpoints, robustness, train
+from cat_jax import batching, checkpoints, compilation, robustness, train
 from cat_jax import writer
 from cat_jax.experiments import common
 
@@ -153,6 +153,7 @@ def plot(results: dict, path: str, metric: str = "ndcg@10") -> bool:
 def main(argv):
   del argv
   writer.quiet_library_logs()
+  compilation.setup_cache()
   F = flags.FLAGS
   path = os.path.join(F.workdir, output_stem(F.mode, F.alpha,
                                              F.alpha_scale, F.anchor))
