@@ -117,7 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.order_seed = 0
 
   c.adv = ml_collections.ConfigDict()
-  # Phase 2 method: none, linear, seq, global, cas, cas_temporal, cas_cross.
+  # Phase 2 method: none, linear, seq, global, cas, cas_temporal, cas_cross;
+  # several ('none,global,cas' or 'none+cas') train each from one phase 1.
   c.adv.method = "cas"
   # Phase 2: epochs trained from the phase-1 state (paper: 100; 0 = skip).
   c.adv.epochs = 100

@@ -247,12 +247,63 @@ def popularity_counts(history: jax.Array, num_items: int) -> jax.Array:
   return counts[:num_items + 1].at[0].set(0.0)
 
 
+def popularity_ranks(counts: np.ndarray, targets: np.ndarray,
+                     users: np.ndarray, extra: np.ndarray,
+                     history: np.ndarray, chunk: int = 4096) -> np.ndarray:
+  """[E] the ranks of `make_ranker(_popularity_scores)`, computed on the host.
+
+  Every user sees the same scores (the counts), so a rank needs no [E, N+1]
+  matrix: it is the number of items 1..N scoring >= the target, less the
+  user's distinct excluded items (history and `extra`, not the target)
+  that do. Same pessimistic protocol as `metrics.target_rank`.
+
+  Args:
+    counts: [N+1] item scores (index 0 = padding).
+    targets, users, extra: [E] as for `make_ranker` (target 0: rank 0).
+    history: [U, H] histories padded with N+1.
+    chunk: rows per step (memory: chunk x H).
+  """
+  counts = np.asarray(counts, np.float64)
+  N = counts.shape[0] - 1
+  ordered = np.sort(counts[1:])
+  out = np.zeros(len(targets), np.int64)
+  for lo in range(0, len(targets), chunk):
+    sl = slice(lo, lo + chunk)
+    t = np.asarray(targets[sl])
+    c_t = counts[t]
+    at_least = N - np.searchsorted(ordered, c_t, side="left")
+    taken = np.concatenate([np.asarray(history)[np.asarray(users[sl])],
+                            np.asarray(extra[sl])[:, None]], axis=1)
+    taken = np.sort(taken, axis=1)
+    first = np.ones_like(taken, bool)
+    first[:, 1:] = taken[:, 1:] != taken[:, :-1]  # count repeats once
+    valid = first & (taken >= 1) & (taken <= N) & (taken != t[:, None])
+    scores = counts[np.clip(taken, 0, N)]
+    excluded = np.sum(valid & (scores >= c_t[:, None]), axis=1)
+    out[sl] = np.where(t > 0, at_least - excluded, 0)
+  return out
+
+
 def evaluate_popularity(data: dict, num_items: int, batch_size: int,
                         ks: Sequence[int], split: str = "valid",
                         mesh=None) -> dict:
-  """Metrics of ranking by training popularity (a sanity baseline)."""
-  counts = jax.jit(popularity_counts, static_argnums=1)(
-      data["history"], num_items)
-  ranker = make_ranker(_popularity_scores, num_items, batch_size, mesh)
-  r = ranker(counts, *split_inputs(data, split), data["history"])
+  """Metrics of ranking by training popularity (a sanity baseline).
+
+  On the host when every table is in this process (`popularity_ranks`:
+  nothing to compile); on the devices when the tables are split over
+  several processes.
+  """
+  inputs = split_inputs(data, split)
+  if all(x.is_fully_addressable for x in (data["history"], *inputs)):
+    history = np.asarray(data["history"])
+    counts = np.bincount(history.ravel(), minlength=num_items + 2)
+    counts = counts[:num_items + 1].astype(np.float32)
+    counts[0] = 0.0  # as `popularity_counts`
+    r = popularity_ranks(counts, *(np.asarray(x) for x in inputs[1:]),
+                         history)
+  else:
+    counts = jax.jit(popularity_counts, static_argnums=1)(
+        data["history"], num_items)
+    ranker = make_ranker(_popularity_scores, num_items, batch_size, mesh)
+    r = ranker(counts, *inputs, data["history"])
   return summarize(np.asarray(r), ks)

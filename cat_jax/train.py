@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -51,9 +52,13 @@ def make_optimizer(tcfg) -> optax.GradientTransformation:
 
 
 def init_state(model, optimizer, rng, max_len: int) -> TrainState:
-  params = model.init(rng, jnp.ones((1, max_len), jnp.int32))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params))
+  """A fresh TrainState (step 0) from `rng`."""
+  def init(rng):
+    params = model.init(rng, jnp.ones((1, max_len), jnp.int32))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+  # One compiled program: op by op, Flax's init runs ~3 s on a CPU.
+  return jax.jit(init)(rng)
 
 
 def init_states(model, optimizer, keys, max_len: int) -> TrainState:
@@ -200,8 +205,10 @@ def epoch_program(objective, optimizer, num_items: int,
 def phase2_methods(config) -> list:
   """The phase-2 methods of `adv.method`, in order: 'cas' -> ['cas'],
   'none,global,cas' -> ['none', 'global', 'cas'] (each trained from the one
-  phase 1, at the same adv settings)."""
-  names = [m.strip() for m in str(config.adv.method).split(",")]
+  phase 1, at the same adv settings). '+' separates them too, for config
+  file arguments, where ',' separates the arguments: `default.py:
+  method=none+cas`."""
+  names = [m.strip() for m in re.split(r"[,+]", str(config.adv.method))]
   if not all(names):
     raise ValueError(f"adv.method={config.adv.method!r} has an empty entry; "
                      "write e.g. --config.adv.method=none,global,cas.")

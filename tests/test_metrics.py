@@ -176,3 +176,31 @@ def test_the_test_ranking_excludes_the_validation_item():
           tables["valid_targets"]))
     ranks = ranker(None, inputs, targets, users, extra, tables["history"])
     np.testing.assert_array_equal(np.asarray(ranks), [1, 1, 1])
+
+
+def test_popularity_ranks_on_the_host_equal_the_device_ranker():
+  """`evaluate.popularity_ranks` (no compile) gives the ranks of the device
+  ranker with popularity scores: ties (many equal counts), repeated history
+  items, an extra item already in the history, the target in the history,
+  padding rows (target 0)."""
+  rng = np.random.default_rng(3)
+  E, U, N, H = 61, 40, 25, 9
+  history = np.sort(rng.integers(1, N + 2, (U, H)), axis=1).astype(np.int32)
+  history[0, :3] = 4  # repeats
+  users = rng.integers(0, U, E).astype(np.int32)
+  targets = rng.integers(1, N + 1, E).astype(np.int32)
+  targets[:3] = 0  # padding rows
+  targets[5] = history[users[5], 0] if history[users[5], 0] <= N else 1
+  extra = rng.integers(0, N + 1, E).astype(np.int32)
+  extra[7] = history[users[7], 1]
+  counts = np.bincount(history.ravel(), minlength=N + 2)[:N + 1].astype(
+      np.float32)
+  counts[0] = 0.0
+  want = evaluate.make_ranker(evaluate._popularity_scores, N, 16)(
+      jnp.asarray(counts), jnp.zeros((E, 3), jnp.int32),
+      jnp.asarray(targets), jnp.asarray(users), jnp.asarray(extra),
+      jnp.asarray(history))
+  got = evaluate.popularity_ranks(counts, targets, users, extra, history,
+                                  chunk=13)
+  np.testing.assert_array_equal(got, np.asarray(want))
+  assert got[0] == 0 and got[10] > 0

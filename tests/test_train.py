@@ -182,34 +182,3 @@ def test_early_stopping_stops_right_resumes_and_phase2_starts_at_best(
   for key in ("selected_epoch", "test/ndcg@10", "last_epoch"):
     assert r2["pretrain"][key] == r["pretrain"][key]
 
-
-def test_several_methods_train_from_one_phase_1_as_if_alone(make_config,
-                                                             tmp_path):
-  """`adv.method=none,global,cas` trains each from the one phase 1, with the
-  results each gets alone; and an eps sweep compiles nothing new: eps is a
-  runtime input of the one program that global and the cascade methods
-  share (issue 33)."""
-  from cat_jax import compilation
-  if not jax.config.jax_compilation_cache_dir:
-    pytest.skip("needs the persistent compilation cache (conftest sets it)")
-  over = {"train.epochs": 2, "adv.epochs": 1, "adv.eps": 0.1}
-  both = train.train_and_evaluate(
-      make_config(**over, **{"adv.method": "none,global,cas"}),
-      str(tmp_path / "all"))
-  assert set(both) >= {"pretrain", "none", "global", "cas"}
-  assert len({both[m]["test/ndcg@10"] for m in ("none", "global", "cas")}) > 1
-  with compilation.CompileCounter() as alone_count:
-    alone = train.train_and_evaluate(make_config(**over), str(tmp_path / "c"))
-  for key in ("test/ndcg@10", "test/hr@10", "valid/ndcg@10"):
-    assert alone["cas"][key] == both["cas"][key]
-    assert alone["pretrain"][key] == both["pretrain"][key]
-  assert alone_count.requests > 0 and alone_count.compiled == 0
-  for eps in (0.3,):  # one more is enough: no new program, whatever eps
-    with compilation.CompileCounter() as count:
-      r = train.train_and_evaluate(
-          make_config(**{**over, "adv.eps": eps, "adv.method": "cas",
-                         "train.pretrain_dir": str(tmp_path / "all")}),
-          str(tmp_path / f"eps{eps}"))
-    assert count.compiled == 0, f"eps={eps} compiled {count.compiled}"
-    assert r["cas"]["test/ndcg@10"] != both["cas"]["test/ndcg@10"] or \
-        r["cas"]["valid/ndcg@10"] != both["cas"]["valid/ndcg@10"]

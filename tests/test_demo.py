@@ -1,0 +1,68 @@
+"""The demo (configs/default.py), shrunk: several phase-2 methods from one
+phase 1 in one workdir, the summary against `none`, and the programs they
+share (issues 29 and 33)."""
+
+import os
+
+import jax
+import pytest
+
+from cat_jax import compilation, config_lib, report, train
+from cat_jax.experiments import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shrunk_demo(**overrides):
+  """configs/default.py with the data, model and epochs cut to seconds."""
+  c = config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py"))
+  return common.apply_overrides(c, {
+      "data.synthetic.num_users": 400, "data.synthetic.num_items": 200,
+      "data.synthetic.num_clusters": 10, "data.max_len": 12,
+      "model.hidden": 16, "model.num_blocks": 1, "train.epochs": 4,
+      "train.patience": 0, "adv.epochs": 2, "train.batch_size": 64,
+      "eval.batch_size": 96, "parallel.devices": 1, **overrides})
+
+
+def test_the_demo_is_the_fair_comparison():
+  """What a newcomer runs: phase 1 until validation stops improving, then
+  the base trained on as long (`none`) next to global and cas, at the eps
+  chosen on validation."""
+  c = config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py"))
+  assert train.phase2_methods(c) == ["none", "global", "cas"]
+  assert c.train.patience > 0 and c.adv.init == "best"
+  assert c.adv.eps == 0.3 and c.data.name == "synthetic"
+  assert train.phase2_methods(config_lib.load_config_file(
+      os.path.join(ROOT, "configs", "default.py") + ":method=none+cas")) == [
+          "none", "cas"]
+
+
+def test_several_methods_train_from_one_phase_1_as_if_alone(tmp_path):
+  """`adv.method=none,global,cas` trains each from the one phase 1, with the
+  results each gets alone, and the summary lists every phase against none;
+  an eps sweep compiles nothing new: eps is a runtime input of the one
+  program that global and the cascade methods share (issue 33)."""
+  if not jax.config.jax_compilation_cache_dir:
+    pytest.skip("needs the persistent compilation cache (conftest sets it)")
+  both = train.train_and_evaluate(shrunk_demo(), str(tmp_path / "all"))
+  assert set(both) >= {"pretrain", "none", "global", "cas"}
+  assert len({both[m]["test/ndcg@10"] for m in ("none", "global", "cas")}) > 1
+  text = report.run_summary({}, str(tmp_path / "all"), shrunk_demo())
+  rows = {line.split()[0]: line for line in text.splitlines()[2:6]}
+  assert list(rows) == ["pretrain", "none", "global", "cas"]
+  assert "vs none" in text and "fewer epochs" not in text
+  assert rows["global"].endswith("%") and rows["cas"].endswith("%")
+  with compilation.CompileCounter() as alone_count:
+    alone = train.train_and_evaluate(shrunk_demo(**{"adv.method": "cas"}),
+                                     str(tmp_path / "c"))
+  for key in ("test/ndcg@10", "test/hr@10", "valid/ndcg@10"):
+    assert alone["cas"][key] == both["cas"][key]
+    assert alone["pretrain"][key] == both["pretrain"][key]
+  assert alone_count.requests > 0 and alone_count.compiled == 0
+  with compilation.CompileCounter() as count:
+    r = train.train_and_evaluate(
+        shrunk_demo(**{"adv.eps": 0.1, "adv.method": "cas",
+                       "train.pretrain_dir": str(tmp_path / "all")}),
+        str(tmp_path / "eps0.1"))
+  assert count.compiled == 0, f"a new eps compiled {count.compiled}"
+  assert r["cas"]["valid/ndcg@10"] != both["cas"]["valid/ndcg@10"]
