@@ -1,13 +1,13 @@
-"""Training: the state, the jitted epoch and the two-phase schedule.
+"""Training: the two-phase schedule, from a config to results.json.
 
 Phase 1 ('pretrain') trains the base model with BCE (Eq. 3.5) for
 `train.epochs`; phase 2 trains `adv.method` from the phase-1 state for
 `adv.epochs` (Tan et al., Sec. 5.3: 500 + 100 epochs). Each phase
 (`phase.run_phase`) keeps its own Orbax checkpoints (latest and
 best-on-validation) under `workdir/<phase>/`, so a killed run restarts from
-its latest checkpoint and a sweep over methods in one workdir pretrains
-once; `checkpoints` holds the workdir contract, `batching` how users become
-batches.
+its latest checkpoint and several phase-2 methods in one workdir pretrain
+once; `epoch` holds the state and the jitted epoch, `workdir` the workdir
+contract, `batching` how users become batches.
 
 Model selection uses validation NDCG@10 only; the test split is read once per
 phase, for the selected checkpoint.
@@ -20,181 +20,25 @@ import json
 import os
 import re
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import logging
 
 from cat_jax import adversarial, batching, cascade, checkpoints, compilation
 from cat_jax import data as data_lib
-from cat_jax import evaluate, models, poisoning, sampling, sharding
+from cat_jax import evaluate, models, poisoning, sharding
 from cat_jax import workdir_lock
+from cat_jax.epoch import (  # noqa: F401 (also importable from here)
+    TrainState, epoch_program, init_state, init_states, make_optimizer,
+    make_train_epoch)
 from cat_jax.phase import run_phase
 from cat_jax.writer import JsonlWriter, is_chief
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training; a pytree, donated to the step."""
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-def make_optimizer(tcfg) -> optax.GradientTransformation:
-  """Adam with coupled L2 (torch `Adam(weight_decay=l2)`), Sec. 5.3 settings."""
-  return optax.chain(optax.add_decayed_weights(tcfg.l2),
-                     optax.adam(tcfg.lr, b1=tcfg.b1, b2=tcfg.b2))
-
-
-def init_state(model, optimizer, rng, max_len: int) -> TrainState:
-  """A fresh TrainState (step 0) from `rng`."""
-  def init(rng):
-    params = model.init(rng, jnp.ones((1, max_len), jnp.int32))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
-  # One compiled program: op by op, Flax's init runs ~3 s on a CPU.
-  return jax.jit(init)(rng)
-
-
-def init_states(model, optimizer, keys, max_len: int) -> TrainState:
-  """Independent TrainStates stacked over a leading run axis, one per key."""
-  return jax.vmap(lambda k: init_state(model, optimizer, k, max_len))(keys)
-
 
 # The device tables moved to `batching`; these names stay for callers.
 device_data = batching.device_data
 sharded_device_data = batching.sharded_device_data
-
-
-def make_train_epoch(objective, optimizer, num_items: int,
-                     plan: batching.TrainPlan, mesh=None, runs: bool = False,
-                     hparams: dict | None = None, program=None):
-  """(`epoch(state, data, pert, key, order_key) -> (state, terms)`, steps).
-
-  One epoch is a `lax.scan` over the plan's steps with nothing crossing to
-  the host: users are shuffled on device (`batching.epoch_order`), a batch
-  of length bucket b runs on the last T_b columns of its windows (a
-  `lax.switch` over the buckets, all compiled into one program), the
-  fill of each bucket's last batch gets weight 0, and negatives are sampled
-  on device. `pert` is the [U, T] level-1 weight table. `terms` holds each
-  loss term per step ([steps] arrays). With a `mesh`, each batch is split
-  across its devices (data parallel) and everything else is replicated.
-
-  `key` is the run's key (users, negatives, dropout, perturbations);
-  `order_key` orders the buckets' batches and is shared by all runs.
-
-  What is compiled (`epoch_program`) depends on shapes and on the method's
-  structure only: the plan's arrays, the weight table, the keys and
-  `hparams` ({'eps', 'lambda1', 'lambda2', 'xi'}, see
-  `adversarial.AdvConfig.hyperparams`; passed on to `objective`) are
-  runtime inputs. So an eps sweep, or `global` and the cascade methods,
-  reuse one program: pass the `program` of an earlier call with the same
-  objective structure and plan shape (the persistent compilation cache
-  also finds it across processes). Without `hparams` the objective's own
-  values are compiled in.
-
-  With `runs=True` the epoch trains several independent runs at once: `state`
-  is stacked over a leading run axis (see `init_states`) and `key` is [R, 2];
-  each run keeps its own data order, negatives and dropout, and `terms` are
-  [R, steps]. One small model leaves an accelerator mostly idle, so seeds
-  share one program this way.
-  """
-  if program is None:
-    program = epoch_program(objective, optimizer, num_items, plan, mesh, runs)
-  order = batching.order_arrays(plan)
-  if mesh is not None:
-    order = sharding.replicate(order, mesh)
-  hp = {k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()}
-
-  def epoch(state, data, pert, key, order_key):
-    return program(state, data, pert, hp, order, key, order_key)
-
-  epoch.program = program
-  epoch.lower = lambda state, data, pert, key, order_key: program.lower(
-      state, data, pert, hp, order, key, order_key)
-  return epoch, plan.num_steps
-
-
-def epoch_program(objective, optimizer, num_items: int,
-                  plan: batching.TrainPlan, mesh=None, runs: bool = False):
-  """The jitted `epoch(state, data, pert, hparams, order, key, order_key)`.
-
-  Depends on the plan only through its shape (`batching.TrainPlan.shape`:
-  bucket lengths, users, steps, batch size, mean length); `order` holds its
-  arrays (`batching.order_arrays`). See `make_train_epoch`.
-
-  Loss scale: the objective is a mean over the batch's real positions (the
-  SASRec convention). Bucketed batches hold users of similar length, so
-  that mean would give each position of a short-history user several times
-  the weight it has in a mixed batch (on Video SASRec, 60 epochs, seed 0,
-  4 buckets trained that way to test NDCG@10 0.0447 against 0.0494
-  unbucketed; RESULTS.md). With more than one bucket the objective
-  is therefore scaled by (real positions of the batch) / (B x mean window
-  length): a sum over positions divided by what an average batch holds, so
-  every position weighs what it weighs in unbucketed training.
-  """
-  sharding.check_divisible(plan.batch_size, mesh, "train.batch_size")
-  norm = plan.batch_size * plan.mean_length if len(plan.lengths) > 1 else None
-  num_steps, lengths = plan.num_steps, plan.lengths
-
-  def loss_fn(params, batch, rng, hparams):
-    # Objectives without runtime hyperparameters take three arguments.
-    loss, terms = (objective(params, batch, rng, hparams) if hparams
-                   else objective(params, batch, rng))
-    if norm is None:
-      return loss, terms
-    return loss * (jnp.sum(batch["weights"]) / norm), terms
-
-  def epoch(state, data, pert, hparams, order, key, order_key):
-    perm_key, step_key = jax.random.split(key)
-    buckets, idx, real = batching.epoch_order(plan, perm_key, order_key,
-                                              order)
-    keys = jax.random.split(step_key, num_steps)
-    T = data["train_inputs"].shape[1]
-
-    def at_length(t):
-      """The train step on windows cut to their last t columns."""
-      def step(state, u, real_user, k):
-        neg_key, obj_key = jax.random.split(k)
-        cols = slice(T - t, T)
-        targets = data["train_targets"][u][:, cols]
-        batch = {
-            "inputs": data["train_inputs"][u][:, cols],
-            "targets": targets,
-            "negatives": sampling.sample_negatives(
-                neg_key, data["history"][u], targets.shape, num_items),
-            "weights": ((targets > 0) & real_user[:, None]).astype(
-                jnp.float32),
-            "pert": pert[u][:, cols],
-        }
-        grads, terms = jax.grad(loss_fn, has_aux=True)(
-            state.params, batch, obj_key, hparams)
-        updates, opt_state = optimizer.update(grads, state.opt_state,
-                                              state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, opt_state), terms
-      return step
-
-    branches = [at_length(t) for t in lengths]
-
-    def step(state, xs):
-      b, u, real_user, k = xs
-      u = sharding.shard_rows(u, mesh)
-      if len(branches) == 1:
-        return branches[0](state, u, real_user, k)
-      return jax.lax.switch(b, branches, state, u, real_user, k)
-
-    return jax.lax.scan(step, state, (buckets, idx, real, keys))
-
-  if runs:
-    epoch = jax.vmap(epoch, in_axes=(0, None, None, None, None, 0, None))
-  return jax.jit(epoch, donate_argnums=0,
-                 compiler_options=compilation.compiler_options())
 
 
 # ----------------------------------------------------------------------------
