@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny config that trains in seconds on a CPU."""
 
 import atexit
+import hashlib
 import os
 import shutil
 import tempfile
@@ -31,6 +32,18 @@ from cat_jax.experiments import common  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                            "data")
+
+
+def tree_digest(root) -> dict:
+  """{relative path: sha1} of every file under root (to check that a failed
+  run changed nothing)."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, root)] = hashlib.sha1(fh.read()).hexdigest()
+  return out
 
 
 def tiny_config(**overrides):

@@ -3,7 +3,6 @@ workdir, damaged or half-written checkpoints, SIGKILL at any moment, a full
 disk. Each ends with training resumed from the newest intact state and one
 line saying so, or with one line that says what is wrong."""
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -22,6 +21,7 @@ import pytest
 
 from cat_jax import checkpoints, config_lib, models, phase, train
 from cat_jax import workdir_lock
+from conftest import tree_digest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Both phases 4 epochs, evaluated (and saved) every 2: each phase holds two
@@ -29,17 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = {"train.epochs": 4, "train.eval_every": 2, "adv.method": "linear",
         "adv.eps": 0.5, "adv.epochs": 4, "adv.eval_every": 2}
 LONGER = {**BASE, "adv.epochs": 6}
-
-
-def tree_digest(root) -> dict:
-  """{relative path: sha1} of every file under root."""
-  out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
-      p = os.path.join(d, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, root)] = hashlib.sha1(fh.read()).hexdigest()
-  return out
 
 
 def untimed(results: dict) -> dict:

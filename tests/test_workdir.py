@@ -1,23 +1,11 @@
-"""The workdir contract (cat_jax/checkpoints.py): refusals, retrain, resume."""
+"""The workdir contract (cat_jax/workdir.py): refusals, retrain, resume."""
 
-import hashlib
 import json
-import os
 
 import pytest
 
 from cat_jax import checkpoints, data, train
-
-
-def tree_digest(root) -> dict:
-  """{relative path: sha1} of every file under root."""
-  out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
-      p = os.path.join(d, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, root)] = hashlib.sha1(fh.read()).hexdigest()
-  return out
+from conftest import tree_digest
 
 
 BASE = {"train.epochs": 2, "adv.epochs": 1, "adv.eps": 0.5,
