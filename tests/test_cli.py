@@ -59,6 +59,8 @@ def test_every_mistake_is_one_line_with_its_exit_code(tmp_path):
       old, str(tmp_path / "runs" / "default_eps0.5" / "pretrain"),
       checkpoints.PRETRAIN)
   never = f"--workdir={tmp_path / 'never_written'}"
+  demo = config_lib.load_config_file(os.path.join(ROOT, "configs",
+                                                  "default.py"))
   cases = {
       "help": (["--help"], 0, None),
       "flag": (["--epochs=3"], 2, "error: Unknown command line flag 'epochs' "
@@ -72,7 +74,7 @@ def test_every_mistake_is_one_line_with_its_exit_code(tmp_path):
                 never], 1, f"error: {bad}:2: item id 'x' is not an integer"),
       "workdir": ([f"--config={spec}"], 1, "error: runs/default_eps0.5/"
                   "pretrain was trained with other settings (model.hidden: "
-                  "7 -> 32)"),
+                  f"7 -> {demo.model.hidden})"),
   }
   procs = {name: subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "launch.py"), *args],
@@ -176,6 +178,7 @@ def test_summary_compares_every_phase_with_none(make_config, tmp_path):
 def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path):
   """Also the default config, shrunk, trained end to end from the CLI."""
   args = [*SMALL, "--config.train.epochs=40", "--config.train.eval_every=5",
+          "--config.train.patience=0", "--config.adv.method=cas",
           "--config.adv.epochs=1", "--config.model.hidden=16",
           "--config.model.name=gru4rec"]  # compiles faster than SASRec
   full = run_cli(*args, f"--workdir={tmp_path / 'full'}")
