@@ -184,6 +184,13 @@ def _run(config):
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     # Bad input: say what is wrong, once, without a deep traceback.
     _fail(str(e), BAD_INPUT)
+  except OSError as e:
+    # A write the workdir contract does not wrap (metrics.jsonl, a log):
+    # a full disk or a folder that is not writable. Checkpoints saved before
+    # it are intact.
+    _fail(f"{e.strerror or e} ({e.filename or workdir}): the disk is full "
+          "or not writable; make room and run the same command to resume.",
+          BAD_INPUT)
   if writer.is_chief():
     print(report.run_summary(results, workdir, config))
 
