@@ -67,3 +67,51 @@ def tiny_config(**overrides):
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+def run_epoch(model, optimizer, num_items, plan, cfg, mesh=None,
+              runs=False, objective=None):
+  """`train.make_train_epoch` for method `cfg` (an AdvConfig) as a run
+  builds it (`train.train_runs`): the method's hyperparameters are runtime
+  inputs and the arrays lie on a mesh, a one-device one unless `mesh` is
+  given (state, data and pert are then put on it at each call).
+
+  Compiling a tiny epoch takes 4-15 s on a CPU, tracing a cached one ~1 s:
+  an epoch built so is the program of the runs of other tests with the same
+  shapes and method structure (tiny_config's, say), which the persistent
+  compilation cache compiles once per session; built otherwise (no hparams,
+  no mesh) it is a program of its own. `objective` replaces the method's
+  (it must trace to the same program to share it)."""
+  from cat_jax import adversarial, sharding, train
+  own_mesh = mesh is None
+  mesh = sharding.make_mesh(1) if own_mesh else mesh
+  if objective is None:
+    objective = adversarial.make_objective(model, cfg)
+  epoch, steps = train.make_train_epoch(objective, optimizer, num_items,
+                                        plan, mesh, runs=runs,
+                                        hparams=cfg.hyperparams())
+  if not own_mesh:
+    return epoch, steps
+
+  def on_mesh(state, data, pert, key, order_key):
+    state, data, pert = sharding.replicate((state, data, pert), mesh)
+    return epoch(state, data, pert, key, order_key)
+
+  on_mesh.program = epoch.program
+  return on_mesh, steps
+
+
+def run_ranker(model, num_items, batch_size, runs=False):
+  """`evaluate.make_ranker` of the model's scores as a run builds it (on a
+  one-device mesh; the arguments are put on it at each call), for the
+  same reason as `run_epoch`."""
+  from cat_jax import evaluate, sharding
+  mesh = sharding.make_mesh(1)
+  ranker = evaluate.make_ranker(evaluate.model_scores(model), num_items,
+                                batch_size, mesh, runs=runs)
+
+  def on_mesh(*args):
+    return ranker(*sharding.replicate(args, mesh))
+
+  on_mesh._cache_size = ranker._cache_size  # noqa: SLF001 (as jax's)
+  return on_mesh

@@ -212,11 +212,14 @@ def test_method_table():
 
 # global and the cascade ablations share cas's code path (only the level-1
 # weights differ, and those are tested in test_cascade.py); compiling each
-# costs ~10 s of the suite's budget.
+# costs ~10 s of the suite's budget. The epochs are built as a run builds
+# them (conftest.run_epoch): all but seq's are then the programs of the
+# tiny runs of other tests, compiled once per session.
 @pytest.mark.parametrize("model_name,method", [
     ("sasrec", m) for m in ("none", "linear", "seq", "cas")] + [
         ("gru4rec", "cas")])
 def test_every_method_trains_under_jit(make_config, method, model_name):
+  from conftest import run_epoch
   config = make_config(**{"model.name": model_name})
   ds = data.load_from_config(config.data)
   arrays = data.build_arrays(ds, config.data.max_len)
@@ -226,9 +229,10 @@ def test_every_method_trains_under_jit(make_config, method, model_name):
   state = train.init_state(model, opt, jax.random.PRNGKey(0), arrays.max_len)
   before = jax.tree.map(np.asarray, state.params)
   cfg = adversarial.method_config(method, eps=1.0)
-  epoch, steps = train.make_train_epoch(
-      adversarial.make_objective(model, cfg), opt, arrays.num_items,
-      batching.plan_from_table(arrays.train_inputs, arrays.train_users, 64))
+  epoch, steps = run_epoch(
+      model, opt, arrays.num_items,
+      batching.plan_from_table(arrays.train_inputs, arrays.train_users, 64),
+      cfg)
   pert = cascade.weights_for_method(dd["train_inputs"], 64, method)
   state, terms = epoch(state, dd, pert, jax.random.PRNGKey(1),
                        jax.random.PRNGKey(1))
@@ -632,11 +636,13 @@ def test_lambda1_weighs_adv1_and_lambda2_weighs_adv2(make_config):
                                         "adv.lambda1": 0.25,
                                         "adv.lambda2": 3.0}))
   assert (cfg.lambda1, cfg.lambda2) == (0.25, 3.0)
-  get = lambda c: jax.jit(lambda: toy_terms(p, ids, tg, ng, mask, w, pert,
-                                             c, key))()
-  terms = get(cfg)
+  # The lambdas as runtime inputs, as a train epoch takes them (one program
+  # for both calls).
+  get = jax.jit(lambda hp: toy_terms(p, ids, tg, ng, mask, w, pert,
+                                     cfg.with_hyperparams(hp), key))
+  terms = get(cfg.hyperparams())
   # The terms themselves do not depend on the lambdas.
-  unit = get(cfg._replace(lambda1=1.0, lambda2=1.0))
+  unit = get({**cfg.hyperparams(), "lambda1": 1.0, "lambda2": 1.0})
   for k in ("bce", "adv1", "adv2"):
     assert float(terms[k]) == pytest.approx(float(unit[k]), rel=1e-6)
   bce, adv1, adv2 = (float(terms[k]) for k in ("bce", "adv1", "adv2"))

@@ -12,32 +12,34 @@ from cat_jax.experiments import common
 
 
 def test_vmapped_runs_match_runs_trained_alone(make_config):
-  config = make_config()
+  # The programs of the runs of test_train_runs_match_train_and_evaluate
+  # (GRU4Rec, cas, two seeds; built as a run builds them), which the
+  # persistent compilation cache compiles once.
+  from conftest import run_epoch, run_ranker
+  config = make_config(**{"model.name": "gru4rec"})
   arrays = data.build_arrays(data.load_from_config(config.data),
                              config.data.max_len)
   N, T = arrays.num_items, arrays.max_len
   dd = train.device_data(arrays)
   model = models.build_model(config.model, N, T)
   opt = train.make_optimizer(config.train)
-  objective = adversarial.make_objective(
-      model, adversarial.method_config("cas", eps=0.5))
+  cfg = adversarial.method_config("cas", eps=0.5)
   pert = cascade.weights_for_method(dd["train_inputs"], 64, "cas")
   seeds = [0, 1]
   init_keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
 
   plan = batching.plan_from_table(arrays.train_inputs, arrays.train_users, 64)
-  multi, _ = train.make_train_epoch(objective, opt, N, plan, runs=True)
+  multi, _ = run_epoch(model, opt, N, plan, cfg, runs=True)
   states = train.init_states(model, opt, init_keys, T)
   for e in range(2):
     keys = jax.numpy.stack([jax.random.fold_in(k, e) for k in init_keys])
     states, terms = multi(states, dd, pert, keys, jax.random.PRNGKey(e))
   assert np.asarray(terms["loss"]).shape[0] == 2
-  multi_ranks = evaluate.make_ranker(evaluate.model_scores(model), N, 96,
-                                     runs=True)(
+  multi_ranks = run_ranker(model, N, 96, runs=True)(
       states.params, *evaluate.split_inputs(dd, "valid"), dd["history"])
 
-  single, _ = train.make_train_epoch(objective, opt, N, plan)
-  ranker = evaluate.make_ranker(evaluate.model_scores(model), N, 96)
+  single, _ = run_epoch(model, opt, N, plan, cfg)
+  ranker = run_ranker(model, N, 96)
   flat = lambda p: np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
   finals = []
   for r, k in enumerate(init_keys):
@@ -103,8 +105,10 @@ def test_train_runs_match_train_and_evaluate(make_config, tmp_path):
 
 def test_vectorized_sweep_extends_a_sequential_one(make_config, tmp_path):
   """Seed 0 trained alone before; --vectorize then adds seeds 1 and 2."""
+  # GRU4Rec: the programs of the test above (two seeds in one program).
   config = make_config(**{"train.epochs": 2, "train.eval_every": 2,
-                          "adv.epochs": 1, "adv.method": "none"})
+                          "adv.epochs": 1, "adv.method": "none",
+                          "model.name": "gru4rec"})
   w = str(tmp_path)
   first = common.run_variants(config, w, [0], {"none": {}})
   mtime = os.path.getmtime(os.path.join(w, "seed0", "none", "none",

@@ -116,8 +116,9 @@ def test_vectorized_runs_on_a_data_parallel_mesh(make_config, tmp_path):
   """Seeds stacked with vmap and batches split over 2 devices: same result."""
   results = {}
   for n in (1, 2):
+    # GRU4Rec: on one device, the programs of tests/test_multirun.py's runs.
     config = make_config(**{"parallel.devices": n, "train.epochs": 2,
-                            "train.eval_every": 2})
+                            "train.eval_every": 2, "model.name": "gru4rec"})
     runs = train.train_runs(config, [str(tmp_path / f"{n}_{s}")
                                      for s in (0, 1)], [0, 1])
     results[n] = [r["pretrain"]["valid/ndcg@10"] for r in runs]
