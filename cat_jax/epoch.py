@@ -16,6 +16,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from cat_jax import batching, compilation, sampling, sharding
 
@@ -96,6 +97,8 @@ def make_train_epoch(objective, optimizer, num_items: int,
   epoch.program = program
   epoch.lower = lambda state, data, pert, key, order_key: program.lower(
       state, data, pert, hp, order, key, order_key)
+  epoch.ahead = lambda state, data, pert, key, order_key: Ahead(
+      program, state, data, pert, hp, order, key, order_key)
   return epoch, plan.num_steps
 
 
@@ -174,3 +177,68 @@ def epoch_program(objective, optimizer, num_items: int,
     epoch = jax.vmap(epoch, in_axes=(0, None, None, None, None, 0, None))
   return jax.jit(epoch, donate_argnums=0,
                  compiler_options=compilation.compiler_options())
+
+
+def _abstract(tree):
+  """ShapeDtypeStructs (with shardings) of a pytree of arrays. Uncommitted
+  arrays (fresh PRNG keys) get no sharding, as jit lowers them on a call:
+  the program is then the one a direct call compiles (same persistent
+  cache key; with their sharding it compiled again)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=x.sharding if getattr(x, "committed", False)
+      else None), tree)
+
+
+class Ahead:
+  """An epoch program compiled on a background thread, ahead of its use.
+
+  `Ahead(program, *args)` lowers and compiles `program` (an `epoch_program`)
+  for the shapes of `args` (state, data, pert, hparams, order, key,
+  order_key) on a daemon thread, so that on a machine with a free core the
+  next phase's program compiles while this phase trains. Calling it waits
+  for the executable and runs it; if compiling failed, or the arguments do
+  not match what was compiled, the jitted `program` runs instead (and
+  compiles as usual). Shapes are taken at once, so the arrays may be
+  donated while the thread works.
+  """
+
+  def __init__(self, program, *args):
+    import threading
+    self.program = program
+    self._abstract = _abstract(args)
+    self._compiled = None
+    self._error = None
+    self._thread = threading.Thread(target=self._compile, daemon=True)
+    self._thread.start()
+
+  def _compile(self):
+    try:
+      self._compiled = self.program.lower(*self._abstract).compile()
+    except Exception as e:  # noqa: BLE001 (the jitted program still works)
+      self._error = e
+
+  def ready(self) -> bool:
+    return not self._thread.is_alive()
+
+  def _cache_size(self) -> int:
+    """As jax's: 1 once an executable is there (no compile on the call)."""
+    self._thread.join()
+    return 1 if self._compiled is not None else self.program._cache_size()  # noqa: SLF001
+
+  def lower(self, *args):
+    return self.program.lower(*args)
+
+  def __call__(self, *args):
+    self._thread.join()
+    if self._compiled is not None:
+      try:
+        return self._compiled(*args)
+      except (TypeError, ValueError) as e:  # other shapes or shardings
+        logging.info("the training program compiled ahead does not fit "
+                     "(%s); compiling it again", str(e).splitlines()[0])
+        self._compiled = None
+    elif self._error is not None:
+      logging.info("compiling the training program ahead failed (%s); "
+                   "compiling it now", str(self._error).splitlines()[0])
+      self._error = None
+    return self.program(*args)

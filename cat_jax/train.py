@@ -31,9 +31,9 @@ from cat_jax import data as data_lib
 from cat_jax import evaluate, models, poisoning, sharding
 from cat_jax import workdir_lock
 from cat_jax.epoch import (  # noqa: F401 (also importable from here)
-    TrainState, epoch_program, init_state, init_states, make_optimizer,
-    make_train_epoch)
-from cat_jax.phase import run_phase
+    Ahead, TrainState, epoch_program, init_state, init_states,
+    make_optimizer, make_train_epoch)
+from cat_jax.phase import order_key, run_phase
 from cat_jax.writer import JsonlWriter, is_chief
 
 # The device tables moved to `batching`; these names stay for callers.
@@ -375,21 +375,41 @@ def _train_phases(config, run_configs, workdirs, pre_dirs, seeds, stacked,
   results = [{"data": stats, "popularity/valid": popularity} for _ in seeds]
   programs = {}  # one compiled epoch per method structure (`epoch_program`)
 
-  def phase(state, name, epochs, cfg, pert, out_dirs, phase_keys):
+  def epoch_for(cfg):
     objective = adversarial.make_objective(model, cfg)
     key = cfg.structure()
     if key not in programs:
       programs[key] = epoch_program(objective, optimizer, N, plan, mesh,
                                     runs=stacked)
-    epoch_fn, _ = make_train_epoch(objective, optimizer, N, plan, mesh,
-                                   runs=stacked, hparams=cfg.hyperparams(),
-                                   program=programs[key])
+    return make_train_epoch(objective, optimizer, N, plan, mesh,
+                            runs=stacked, hparams=cfg.hyperparams(),
+                            program=programs[key])[0]
+
+  def phase(state, name, epochs, cfg, pert, out_dirs, phase_keys):
+    epoch_fn = epoch_for(cfg)
+    program = programs[cfg.structure()]
+    if isinstance(program, Ahead) and not program.ready():
+      logging.info("[%s] waiting for its training program (compiling since "
+                   "phase 1 started)", name)
     return run_phase(name, state, epochs, epoch_fn, pert, data, ranker,
                      config, out_dirs, writers, phase_keys, stacked,
                      preemption)
 
-  # Phase 1: base model.
   uniform = (data["train_inputs"] > 0).astype(jnp.float32)
+  methods = phase2_methods(config) if config.adv.epochs > 0 else []
+  base = adversarial.method_config("none").structure()
+  if config.train.epochs > 0:
+    # Phase 2's programs compile on a background thread while phase 1
+    # trains: on a machine with a free core, they are ready when it ends.
+    example = (state, data, uniform,
+               jnp.stack(adv_keys) if stacked else adv_keys[0],
+               order_key(config, 1))
+    for method in methods:
+      cfg = adv_config(for_method(config, method))
+      if cfg.structure() != base and cfg.structure() not in programs:
+        programs[cfg.structure()] = epoch_for(cfg).ahead(*example)
+
+  # Phase 1: base model.
   if config.train.epochs > 0:
     for c, pre in zip(run_configs, pre_dirs):
       pdir = os.path.join(pre, checkpoints.PRETRAIN)
@@ -406,7 +426,6 @@ def _train_phases(config, run_configs, workdirs, pre_dirs, seeds, stacked,
 
   # Phase 2: each adversarial method from the same phase-1 state (and the
   # same keys, so that each gives what it gives when trained alone).
-  methods = phase2_methods(config) if config.adv.epochs > 0 else []
   for i, method in enumerate(methods):
     mconfig = for_method(config, method)
     t_c = time.time()

@@ -66,3 +66,36 @@ def test_several_methods_train_from_one_phase_1_as_if_alone(tmp_path):
         str(tmp_path / "eps0.1"))
   assert count.compiled == 0, f"a new eps compiled {count.compiled}"
   assert r["cas"]["valid/ndcg@10"] != both["cas"]["valid/ndcg@10"]
+
+
+def test_a_program_compiled_ahead_is_the_one_that_runs(make_config):
+  """`epoch.Ahead` compiles phase 2's epoch on a thread while phase 1
+  trains; calling it runs that executable (the jitted program never
+  compiles) and gives the jitted program's results, bit for bit."""
+  import jax.numpy as jnp
+  import numpy as np
+  from cat_jax import adversarial, batching, data, epoch, models
+  config = make_config()
+  arrays = data.build_arrays(data.load_from_config(config.data), 12)
+  dd = train.device_data(arrays)
+  model = models.build_model(config.model, arrays.num_items, 12)
+  opt = train.make_optimizer(config.train)
+  plan = batching.plan_from_table(arrays.train_inputs, arrays.train_users, 64)
+  cfg = adversarial.method_config("cas", eps=0.3)
+  make = lambda: epoch.make_train_epoch(
+      adversarial.make_objective(model, cfg), opt, arrays.num_items, plan,
+      hparams=cfg.hyperparams())[0]
+  pert = (dd["train_inputs"] > 0).astype(jnp.float32)
+  keys = (jax.random.PRNGKey(1), jax.random.PRNGKey(2))
+  state = lambda: train.init_state(model, opt, jax.random.PRNGKey(0), 12)
+  jitted = make()
+  ahead_epoch, _ = epoch.make_train_epoch(
+      adversarial.make_objective(model, cfg), opt, arrays.num_items, plan,
+      hparams=cfg.hyperparams(),
+      program=make().ahead(state(), dd, pert, *keys))
+  got, _ = ahead_epoch(state(), dd, pert, *keys)
+  assert ahead_epoch.program._cache_size() == 1
+  assert ahead_epoch.program.program._cache_size() == 0  # never jit-compiled
+  want, _ = jitted(state(), dd, pert, *keys)
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
