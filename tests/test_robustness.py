@@ -465,17 +465,18 @@ def trained():
                                jnp.ones((1, T_), jnp.int32))
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=opt.init(params))
-  objective = adversarial.make_objective(model,
-                                         adversarial.method_config("none"))
-  epoch_fn, _ = train.make_train_epoch(
-      objective, opt, N_, batching.plan_from_table(
-          data["train_inputs"], data["train_users"], config.train.batch_size))
+  # Built as a run builds it: the program of tiny_config's phase 1.
+  from conftest import run_epoch
+  epoch_fn, _ = run_epoch(model, opt, N_, batching.plan_from_table(
+      data["train_inputs"], data["train_users"], config.train.batch_size),
+                          adversarial.method_config("none"))
   uniform = (data["train_inputs"] > 0).astype(jnp.float32)
   epochs = 20  # epochs are ~30 ms here; compiling the epoch is the cost
   for e in range(epochs):
     state, _ = epoch_fn(state, data, uniform, jax.random.PRNGKey(e),
                         jax.random.PRNGKey(e))
-  return model, state.params, data, N_
+  # Off the run's one-device mesh, on the device as the data.
+  return model, jax.device_put(state.params, jax.devices()[0]), data, N_
 
 
 def test_replacing_the_last_item_hurts_more_than_the_first(trained):

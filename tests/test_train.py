@@ -16,39 +16,48 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def test_end_to_end_learns_and_beats_popularity(make_config, tmp_path):
-  config = make_config(**{"train.epochs": 12, "train.eval_every": 4})
-  results = train.train_and_evaluate(config, str(tmp_path))
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+  """(workdir, results) of tiny_config's phase 1, 12 epochs evaluated every
+  4: the end-to-end run, and the float32 reference of the bfloat16 one."""
+  from conftest import tiny_config
+  workdir = tmp_path_factory.mktemp("fp32")
+  config = tiny_config(**{"train.epochs": 12, "train.eval_every": 4})
+  return workdir, train.train_and_evaluate(config, str(workdir))
+
+
+def test_end_to_end_learns_and_beats_popularity(fp32):
+  workdir, results = fp32
   pop = results["popularity/valid"]["ndcg@10"]
   pre = results["pretrain"]
   # Selected on validation, tested once: clearly above popularity.
   assert pre["valid/ndcg@10"] > 1.5 * pop
   assert pre["test/ndcg@10"] > 1.5 * pop
-  lines = read_jsonl(tmp_path / "metrics.jsonl")
+  lines = read_jsonl(workdir / "metrics.jsonl")
   evals = [l for l in lines if "valid/ndcg@10" in l]
   assert [l["epoch"] for l in evals] == [4, 8, 12]
   assert evals[-1]["train/loss"] < evals[0]["train/loss"]
   tests = [l for l in lines if l.get("split") == "test"]
   assert len(tests) == 1 and tests[0]["epoch"] == pre["selected_epoch"]
-  on_disk = json.load(open(tmp_path / "results.json"))
+  on_disk = json.load(open(workdir / "results.json"))
   assert on_disk["pretrain"]["test/ndcg@10"] == pre["test/ndcg@10"]
-  assert os.path.exists(tmp_path / "config.json")
+  assert os.path.exists(workdir / "config.json")
 
 
-def test_bfloat16_encoder_learns_as_well(make_config, tmp_path):
-  """model.dtype=bfloat16 trains to about the fp32 result (synthetic data)."""
-  runs = {}
-  for dtype in ("float32", "bfloat16"):
-    config = make_config(**{"train.epochs": 8, "train.eval_every": 4,
-                            "model.dtype": dtype,
-                            "train.matmul_precision": "float32"})
-    runs[dtype] = train.train_and_evaluate(config, str(tmp_path / dtype))
-  pop = runs["float32"]["popularity/valid"]["ndcg@10"]
-  fp32, bf16 = (runs[d]["pretrain"]["test/ndcg@10"] for d in runs)
-  # 8 epochs on the tiny set take fp32 to ~1.5x popularity; bf16 must learn
-  # too, and land within 10% of fp32.
+def test_bfloat16_encoder_learns_as_well(make_config, tmp_path, fp32):
+  """model.dtype=bfloat16 trains to about the fp32 result (synthetic data):
+  the end-to-end run's settings, with bfloat16 (float32 matmuls, which the
+  CPU's default precision of the reference is too)."""
+  config = make_config(**{"train.epochs": 12, "train.eval_every": 4,
+                          "model.dtype": "bfloat16",
+                          "train.matmul_precision": "float32"})
+  runs = [fp32[1], train.train_and_evaluate(config, str(tmp_path))]
+  pop = runs[0]["popularity/valid"]["ndcg@10"]
+  full, bf16 = (r["pretrain"]["test/ndcg@10"] for r in runs)
+  # bf16 must learn too (the tiny set takes fp32 well above popularity),
+  # and land within 10% of fp32.
   assert bf16 > 1.3 * pop
-  assert abs(bf16 - fp32) < 0.1 * fp32, (fp32, bf16)
+  assert abs(bf16 - full) < 0.1 * full, (full, bf16)
 
 
 def test_two_phases_share_the_pretrained_model(make_config, tmp_path):
@@ -115,6 +124,7 @@ def test_epoch_and_ranker_compile_once(make_config):
   """Epoch after epoch (new keys, new state) reuses one compiled program."""
   import jax.numpy as jnp
   from cat_jax import adversarial, batching, data, evaluate, models
+  from conftest import run_epoch, run_ranker  # the runs' programs
   config = make_config()
   arrays = data.build_arrays(data.load_from_config(config.data),
                              config.data.max_len)
@@ -122,12 +132,10 @@ def test_epoch_and_ranker_compile_once(make_config):
   model = models.build_model(config.model, arrays.num_items, arrays.max_len)
   opt = train.make_optimizer(config.train)
   state = train.init_state(model, opt, jax.random.PRNGKey(0), arrays.max_len)
-  epoch, _ = train.make_train_epoch(
-      adversarial.make_objective(model, adversarial.method_config("none")),
-      opt, arrays.num_items, batching.plan_from_table(
-          arrays.train_inputs, arrays.train_users, 64))
-  ranker = evaluate.make_ranker(evaluate.model_scores(model),
-                                arrays.num_items, 96)
+  epoch, _ = run_epoch(model, opt, arrays.num_items, batching.plan_from_table(
+      arrays.train_inputs, arrays.train_users, 64),
+                       adversarial.method_config("none"))
+  ranker = run_ranker(model, arrays.num_items, 96)
   pert = (dd["train_inputs"] > 0).astype(jnp.float32)
   for e in range(3):
     state, _ = epoch(state, dd, pert, jax.random.PRNGKey(e),
