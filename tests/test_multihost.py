@@ -14,9 +14,14 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo config (configs/default.py) shrunk to compile and train in
+# seconds: what is checked is the processes, not the model.
 ARGS = ["--config.train.epochs=2", "--config.train.eval_every=1",
         "--config.adv.epochs=0", "--config.data.synthetic.num_users=301",
-        "--config.eval.batch_size=64", "--config.train.batch_size=64"]
+        "--config.data.synthetic.num_items=120",
+        "--config.data.synthetic.num_clusters=6", "--config.data.max_len=12",
+        "--config.model.name=gru4rec", "--config.model.hidden=16",
+        "--config.eval.batch_size=160", "--config.train.batch_size=128"]
 
 
 def launch(workdir, log, devices, *extra):
@@ -70,8 +75,7 @@ def test_sigterm_on_one_process_stops_both_at_the_same_epoch(tmp_path):
   import signal
   import time
   port = free_port()
-  long_run = ["--config.train.epochs=60", "--config.train.eval_every=7",
-              "--config.model.hidden=16"]
+  long_run = ["--config.train.epochs=60", "--config.train.eval_every=7"]
   procs = [launch(tmp_path / "run", tmp_path / f"p{i}.log", 2,
                   f"--coordinator_address=localhost:{port}",
                   "--num_processes=2", f"--process_id={i}", *long_run)
