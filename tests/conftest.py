@@ -69,6 +69,17 @@ def make_config():
   return tiny_config
 
 
+def init_params(model, max_len, seed=0):
+  """`model.init` on a [1, max_len] window, jitted: Flax's eager init runs
+  ~100 small ops, each compiled on first use (3-8 s per process for
+  SASRec), where the jitted init is one program the persistent compilation
+  cache shares between the tests, workers and processes. Same values."""
+  import jax
+  import jax.numpy as jnp
+  return jax.jit(model.init)(jax.random.PRNGKey(seed),
+                             jnp.ones((1, max_len), jnp.int32))
+
+
 def run_epoch(model, optimizer, num_items, plan, cfg, mesh=None,
               runs=False, objective=None):
   """`train.make_train_epoch` for method `cfg` (an AdvConfig) as a run

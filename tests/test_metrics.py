@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cat_jax import evaluate, metrics
+from conftest import init_params
 
 
 def brute_force(scores, targets, exclude, ks):
@@ -122,7 +123,7 @@ def test_chunked_ranker_matches_the_full_score_matrix():
   cfg = ml_collections.ConfigDict(dict(name="sasrec", hidden=8, num_blocks=1,
                                        num_heads=1, dropout=0.0))
   model = models.build_model(cfg, N, T)
-  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, T), jnp.int32))
+  params = init_params(model, T)
   inputs = jnp.asarray(rng.integers(0, N + 1, (E, T)), jnp.int32)
   targets = jnp.asarray(rng.integers(1, N + 1, E), jnp.int32)
   history = jnp.asarray(np.sort(rng.integers(1, N + 2, (E, H)), axis=1),

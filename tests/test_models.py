@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cat_jax import models
+from conftest import init_params
 
 N, T, D = 30, 8, 16
 
@@ -15,7 +16,7 @@ def build(name, **kw):
                                        num_heads=2, dropout=0.2))
   cfg.update(kw)
   model = models.build_model(cfg, N, T)
-  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, T), jnp.int32))
+  params = init_params(model, T)
   return model, params
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from cat_jax import adversarial, batching, cascade, data, evaluate, models
 from cat_jax import sharding, train
+from conftest import init_params
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -62,8 +63,7 @@ def test_data_parallel_epoch_matches_one_device(make_config, method):
 
 def test_sharded_evaluation_gives_identical_ranks(make_config):
   config, arrays, model, opt = setup(make_config)
-  params = model.init(jax.random.PRNGKey(1), jnp.ones((1, arrays.max_len),
-                                                      jnp.int32))
+  params = init_params(model, arrays.max_len, seed=1)
   ranks = []
   for n in (1, 8):
     mesh = sharding.make_mesh(n)
@@ -80,8 +80,7 @@ def test_sharded_evaluation_gives_identical_ranks(make_config):
 def test_item_sharded_evaluation_gives_identical_ranks(make_config, chunk):
   """The catalog split over 8 devices ranks exactly as the full matrix."""
   config, arrays, model, opt = setup(make_config)
-  params = model.init(jax.random.PRNGKey(1), jnp.ones((1, arrays.max_len),
-                                                      jnp.int32))
+  params = init_params(model, arrays.max_len, seed=1)
   dd = train.device_data(arrays)
   full = evaluate.make_ranker(evaluate.model_scores(model), arrays.num_items,
                               40)(params, *evaluate.split_inputs(dd, "test"),
@@ -180,9 +179,8 @@ def test_sharded_tables_train_and_rank_as_replicated_ones(make_config):
     ranker = evaluate.make_ranker(evaluate.model_scores(model), ds.num_items,
                                   64, mesh)
     # Ranks of the same (initial) parameters must be identical.
-    params = sharding.replicate(model.init(
-        jax.random.PRNGKey(1), jnp.ones((1, config.data.max_len), jnp.int32)),
-        mesh)
+    params = sharding.replicate(
+        init_params(model, config.data.max_len, seed=1), mesh)
     ranks = np.asarray(ranker(params, *evaluate.split_inputs(dd, "test"),
                               dd["history"]))
     pop = evaluate.evaluate_popularity(dd, ds.num_items, 64, (10,), mesh=mesh)
