@@ -14,11 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def shrunk_demo(**overrides):
-  """configs/default.py with the data, model and epochs cut to seconds."""
+  """configs/default.py with the data, model and epochs cut to seconds.
+
+  The shapes are tiny_config's (users, items, clusters, mean length; the
+  demo's weak sequential signal stays): its programs are then those of the
+  tiny runs of other tests, which the compilation cache compiles once."""
   c = config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py"))
   return common.apply_overrides(c, {
-      "data.synthetic.num_users": 400, "data.synthetic.num_items": 200,
-      "data.synthetic.num_clusters": 10, "data.max_len": 12,
+      "data.synthetic.num_users": 400, "data.synthetic.num_items": 120,
+      "data.synthetic.num_clusters": 6, "data.synthetic.mean_length": 12.0,
+      "data.max_len": 12,
       "model.hidden": 16, "model.num_blocks": 1, "train.epochs": 4,
       "train.patience": 0, "adv.epochs": 2, "train.batch_size": 64,
       "eval.batch_size": 96, "parallel.devices": 1, **overrides})
@@ -74,24 +79,28 @@ def test_a_program_compiled_ahead_is_the_one_that_runs(make_config):
   compiles) and gives the jitted program's results, bit for bit."""
   import jax.numpy as jnp
   import numpy as np
-  from cat_jax import adversarial, batching, data, epoch, models
+  from cat_jax import adversarial, batching, data, epoch, models, sharding
   config = make_config()
   arrays = data.build_arrays(data.load_from_config(config.data), 12)
-  dd = train.device_data(arrays)
+  # On a run's one-device mesh: the program of the tiny cas runs of other
+  # tests (compiled once by the compilation cache).
+  mesh = sharding.make_mesh(1)
+  dd = sharding.replicate(train.device_data(arrays), mesh)
   model = models.build_model(config.model, arrays.num_items, 12)
   opt = train.make_optimizer(config.train)
   plan = batching.plan_from_table(arrays.train_inputs, arrays.train_users, 64)
   cfg = adversarial.method_config("cas", eps=0.3)
   make = lambda: epoch.make_train_epoch(
       adversarial.make_objective(model, cfg), opt, arrays.num_items, plan,
-      hparams=cfg.hyperparams())[0]
+      mesh, hparams=cfg.hyperparams())[0]
   pert = (dd["train_inputs"] > 0).astype(jnp.float32)
   keys = (jax.random.PRNGKey(1), jax.random.PRNGKey(2))
-  state = lambda: train.init_state(model, opt, jax.random.PRNGKey(0), 12)
+  state = lambda: sharding.replicate(
+      train.init_state(model, opt, jax.random.PRNGKey(0), 12), mesh)
   jitted = make()
   ahead_epoch, _ = epoch.make_train_epoch(
       adversarial.make_objective(model, cfg), opt, arrays.num_items, plan,
-      hparams=cfg.hyperparams(),
+      mesh, hparams=cfg.hyperparams(),
       program=make().ahead(state(), dd, pert, *keys))
   got, _ = ahead_epoch(state(), dd, pert, *keys)
   assert ahead_epoch.program._cache_size() == 1
