@@ -247,8 +247,9 @@ def test_table2_at_another_eps_is_one_line(tmp_path):
         [sys.executable, "-m", "cat_jax.experiments.table2",
          "--config=configs/default.py", f"--workdir={tmp_path}", "--seeds=0",
          "--methods=cas", f"--eps=cas={eps}", *SMALL,
-         "--config.model.name=gru4rec", "--config.train.epochs=1",
-         "--config.adv.epochs=1"],
+         # The SIGTERM test's model: its programs, compiled once.
+         "--config.model.name=gru4rec", "--config.model.hidden=16",
+         "--config.train.epochs=1", "--config.adv.epochs=1"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, "XLA_FLAGS": ""})
   first = table2(0.5)
