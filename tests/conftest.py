@@ -81,26 +81,24 @@ def init_params(model, max_len, seed=0):
 
 
 def run_epoch(model, optimizer, num_items, plan, cfg, mesh=None,
-              runs=False, objective=None):
+              runs=False):
   """`train.make_train_epoch` for method `cfg` (an AdvConfig) as a run
   builds it (`train.train_runs`): the method's hyperparameters are runtime
-  inputs and the arrays lie on a mesh, a one-device one unless `mesh` is
-  given (state, data and pert are then put on it at each call).
+  inputs and the arrays lie on a mesh. Without `mesh`, a one-device one, on
+  which the epoch puts state, data and pert at each call; on a given mesh
+  the caller places them.
 
   Compiling a tiny epoch takes 4-15 s on a CPU, tracing a cached one ~1 s:
   an epoch built so is the program of the runs of other tests with the same
   shapes and method structure (tiny_config's, say), which the persistent
   compilation cache compiles once per session; built otherwise (no hparams,
-  no mesh) it is a program of its own. `objective` replaces the method's
-  (it must trace to the same program to share it)."""
+  no mesh) it is a program of its own."""
   from cat_jax import adversarial, sharding, train
   own_mesh = mesh is None
   mesh = sharding.make_mesh(1) if own_mesh else mesh
-  if objective is None:
-    objective = adversarial.make_objective(model, cfg)
-  epoch, steps = train.make_train_epoch(objective, optimizer, num_items,
-                                        plan, mesh, runs=runs,
-                                        hparams=cfg.hyperparams())
+  epoch, steps = train.make_train_epoch(
+      adversarial.make_objective(model, cfg), optimizer, num_items, plan,
+      mesh, runs=runs, hparams=cfg.hyperparams())
   if not own_mesh:
     return epoch, steps
 
