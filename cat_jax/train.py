@@ -407,6 +407,8 @@ def _train_phases(config, run_configs, workdirs, pre_dirs, seeds, stacked,
     for method in methods:
       cfg = adv_config(for_method(config, method))
       if cfg.structure() != base and cfg.structure() not in programs:
+        logging.info("[%s] compiling its training program in the "
+                     "background while phase 1 trains", method)
         programs[cfg.structure()] = epoch_for(cfg).ahead(*example)
 
   # Phase 1: base model.

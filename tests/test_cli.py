@@ -195,7 +195,7 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path):
       log.splitlines()[0], log[:1000]
   assert re.search(r"avg_length \d+\.\d\d?, ", log), log[:2000]
   for what in ("[pretrain] compiling this phase's training program",
-               "[cas] compiling this phase's training program",
+               "[cas] compiling its training program in the background",
                "[pretrain] compiling the ranking program",
                "[cas] cascade weights (Eq. 4.11) in "):
     assert what in log, what
