@@ -188,6 +188,19 @@ def synthetic_dataset(num_users: int = 2000, num_items: int = 500,
     order = rng.permutation(m)
     successor[order] = np.roll(order, -1)
   cluster_pop = [pop[m] / pop[m].sum() for m in members]
+  # `rng.choice(a, p=p)` rebuilds p's CDF on every call (O(items) each, most
+  # of the demo's start-up); these draw the same items from the same random
+  # numbers (numpy's own method: one `rng.random()`, then a search in the
+  # normalised CDF).
+  def cdf(p):
+    c = np.cumsum(p)
+    return c / c[-1]
+
+  pop_cdf = cdf(pop)
+  cluster_cdf = [cdf(p) for p in cluster_pop]
+
+  def popular():
+    return int(pop_cdf.searchsorted(rng.random(), side="right"))
 
   lengths = np.maximum(min_length, rng.poisson(mean_length, size=num_users))
   lengths = np.minimum(lengths, num_items // 2)
@@ -195,12 +208,12 @@ def synthetic_dataset(num_users: int = 2000, num_items: int = 500,
   for length in lengths:
     seen = set()
     seq = []
-    cur = rng.choice(num_items, p=pop)
+    cur = popular()
     for _ in range(length):
       for _ in range(20):  # a few tries to avoid a repeat
         if cur not in seen:
           break
-        cur = rng.choice(num_items, p=pop)
+        cur = popular()
       if cur in seen:
         break
       seen.add(cur)
@@ -210,9 +223,10 @@ def synthetic_dataset(num_users: int = 2000, num_items: int = 500,
         cur = successor[cur]
       elif u < p_next + p_stay:
         c = cluster[cur]
-        cur = rng.choice(members[c], p=cluster_pop[c])
+        cur = int(members[c][cluster_cdf[c].searchsorted(rng.random(),
+                                                         side="right")])
       else:
-        cur = rng.choice(num_items, p=pop)
+        cur = popular()
     sequences.append(np.asarray(seq, dtype=np.int64) + 1)
   raw = {u: s.tolist() for u, s in enumerate(sequences)}
   return remap(raw)

@@ -190,6 +190,59 @@ def test_synthetic_is_deterministic_and_sequential():
   assert top / total > 0.3
 
 
+def _synthetic_with_choice(num_users, num_items, num_clusters, mean_length,
+                           p_next, p_stay, seed, min_length=5, zipf=1.1):
+  """The generator's walk written with `rng.choice(a, p=p)`, as it was before
+  its draws were made fast: the same random numbers must give the same data."""
+  rng = np.random.default_rng(seed)
+  pop = 1.0 / np.arange(1, num_items + 1) ** zipf
+  pop = pop[rng.permutation(num_items)]
+  pop /= pop.sum()
+  cluster = rng.integers(0, num_clusters, size=num_items)
+  cluster[:num_clusters] = np.arange(num_clusters)
+  members = [np.flatnonzero(cluster == c) for c in range(num_clusters)]
+  successor = np.empty(num_items, dtype=np.int64)
+  for m in members:
+    order = rng.permutation(m)
+    successor[order] = np.roll(order, -1)
+  lengths = np.maximum(min_length, rng.poisson(mean_length, size=num_users))
+  lengths = np.minimum(lengths, num_items // 2)
+  out = []
+  for length in lengths:
+    seq, cur = [], rng.choice(num_items, p=pop)
+    for _ in range(length):
+      for _ in range(20):
+        if cur not in seq:
+          break
+        cur = rng.choice(num_items, p=pop)
+      if cur in seq:
+        break
+      seq.append(cur)
+      u = rng.random()
+      if u < p_next:
+        cur = successor[cur]
+      elif u < p_next + p_stay:
+        m = members[cluster[cur]]
+        cur = rng.choice(m, p=pop[m] / pop[m].sum())
+      else:
+        cur = rng.choice(num_items, p=pop)
+    out.append(seq)
+  return out
+
+
+@pytest.mark.parametrize("kw", [
+    dict(num_users=200, num_items=300, num_clusters=6, mean_length=7,
+         p_next=0.05, p_stay=0.6, seed=2),  # the demo's kind of data
+    dict(num_users=200, num_items=80, num_clusters=4, mean_length=20,
+         p_next=0.6, p_stay=0.3, seed=5)])  # long walks: many repeats
+def test_synthetic_draws_as_rng_choice_would(kw):
+  ds = data.synthetic_dataset(**kw)
+  ref = _synthetic_with_choice(**kw)
+  # `remap` renumbers items by first appearance; compare through its ids.
+  got = [[ds.item_ids[i - 1] - 1 for i in s] for s in ds.sequences]
+  assert got == [list(map(int, s)) for s in ref]
+
+
 def test_resolve_path_uses_cat_data_dir(tmp_path, monkeypatch):
   monkeypatch.setenv("CAT_DATA_DIR", str(tmp_path))
   assert data.resolve_path("Video.txt") == os.path.join(str(tmp_path),
