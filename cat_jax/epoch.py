@@ -220,6 +220,10 @@ class Ahead:
   def ready(self) -> bool:
     return not self._thread.is_alive()
 
+  def wait(self):
+    """Blocks until the background compilation has ended (either way)."""
+    self._thread.join()
+
   def _cache_size(self) -> int:
     """As jax's: 1 once an executable is there (no compile on the call)."""
     self._thread.join()

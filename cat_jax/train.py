@@ -332,20 +332,38 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs, retrain,
                              json.loads(c.to_json_best_effort()))
       checkpoints.write_item_ids(w, ds)
   writers = [JsonlWriter(os.path.join(w, "metrics.jsonl")) for w in workdirs]
+  programs = {}  # one compiled epoch per method structure (`epoch_program`)
   try:
     with checkpoints.Preemption() as preemption:
-      return _train_phases(config, run_configs, workdirs, pre_dirs, seeds,
-                           stacked, ds, stats, data, mesh, plan, eval_plan,
-                           writers, preemption)
+      try:
+        return _train_phases(config, run_configs, workdirs, pre_dirs, seeds,
+                             stacked, ds, stats, data, mesh, plan, eval_plan,
+                             writers, preemption, programs)
+      finally:
+        _wait_for_background(programs)
   finally:
     for wr in writers:
       wr.close()
 
 
+def _wait_for_background(programs: dict):
+  """Lets programs compiling ahead finish (a run stopped early by a signal or
+  an error leaves them compiling): a process that exits while XLA compiles
+  on another thread aborts (SIGABRT) instead of exiting with its code. The
+  checkpoint of the stop is already written; this only costs the rest of
+  that compilation."""
+  for program in programs.values():
+    if isinstance(program, Ahead) and not program.ready():
+      logging.info("waiting for the training program compiling in the "
+                   "background to finish before exiting")
+      program.wait()
+
+
 def _train_phases(config, run_configs, workdirs, pre_dirs, seeds, stacked,
                   ds, stats, data, mesh, plan, eval_plan, writers,
-                  preemption) -> list:
-  """Phase 1, then phase 2, for checked and prepared workdirs."""
+                  preemption, programs: dict) -> list:
+  """Phase 1, then phase 2, for checked and prepared workdirs. `programs`
+  ({structure: epoch program}, empty) collects the compiled epochs."""
   N, T = ds.num_items, config.data.max_len
   model = models.build_model(config.model, N, T)
   optimizer = make_optimizer(config.train)
@@ -373,7 +391,6 @@ def _train_phases(config, run_configs, workdirs, pre_dirs, seeds, stacked,
   logging.info("popularity ranker (the baseline to beat): valid %s %.4f",
                config.eval.select, popularity[config.eval.select])
   results = [{"data": stats, "popularity/valid": popularity} for _ in seeds]
-  programs = {}  # one compiled epoch per method structure (`epoch_program`)
 
   def epoch_for(cfg):
     objective = adversarial.make_objective(model, cfg)

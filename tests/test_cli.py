@@ -239,6 +239,32 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path):
     assert untimed("cut", phase) == untimed("full", phase)
 
 
+def test_a_signal_while_phase_2_compiles_ahead_exits_with_its_code(tmp_path):
+  """SIGTERM during phase 1's first epoch, while `cas`'s program (bigger than
+  phase 1's) still compiles on its background thread: the run waits for it
+  and exits 143 with its one line. It used to abort (SIGABRT, 'FATAL:
+  exception not rethrown'): the interpreter exited with XLA compiling."""
+  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), *SMALL,
+         "--config.train.epochs=40", "--config.adv.method=cas",
+         "--config.adv.epochs=1", f"--workdir={tmp_path}"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "XLA_FLAGS": "",
+                               "CAT_COMPILATION_CACHE": "off"})
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if "[pretrain] compiling this phase's training program" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  rest = proc.stderr.read()
+  proc.wait(timeout=120)
+  log = "".join(seen) + rest
+  assert proc.returncode == 128 + signal.SIGTERM, log
+  assert "Traceback" not in log and "FATAL" not in log, log
+  last = [l for l in rest.splitlines() if l.strip()][-1]
+  assert last.startswith("error: interrupted at epoch 1 "), log
+
+
 def test_table2_at_another_eps_is_one_line(tmp_path):
   """A method folder trained at another eps: the runner names the folder
   and the ways out in one line, and leaves the run alone."""
