@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 20
   # Print a progress line every N epochs.
   c.train.log_every = 1
+  # While a first epoch or validation compiles, print a line every N seconds
+  # (so a long compilation is not a silence); 0 = off.
+  c.train.heartbeat_s = 10.0
   # Precision of float32 matrix products (jax.default_matmul_precision):
   # 'default' (the backend's: TF32 on NVIDIA A100/H100, fp32 on CPU),
   # 'float32', 'tensorfloat32' or 'bfloat16'.

@@ -10,7 +10,9 @@ been trained alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 
 import jax
@@ -155,6 +157,28 @@ def _compiles(fn) -> bool:
   return size is not None and size() == 0
 
 
+@contextlib.contextmanager
+def _heartbeat(what: str, every: float):
+  """Logs "`what`: N s so far" every `every` seconds until the block ends,
+  so that a long compilation is not a silence (`every` <= 0: nothing)."""
+  if every <= 0:
+    yield
+    return
+  done, t0 = threading.Event(), time.time()
+
+  def beat():
+    while not done.wait(every):
+      logging.info("%s: %.0f s so far", what, time.time() - t0)
+
+  thread = threading.Thread(target=beat, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    done.set()
+    thread.join()
+
+
 def _cache_note() -> str:
   """Where compiled programs are kept for later runs, if anywhere."""
   path = jax.config.jax_compilation_cache_dir
@@ -185,15 +209,20 @@ def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
     active = runs.active(patience)
     if not active:
       break
-    if epoch == start + 1 and _compiles(epoch_fn):
-      logging.info("[%s] compiling this phase's training program%s, then "
-                   "training epoch %d/%d", phase, _cache_note(), epoch,
-                   epochs)
-    t0 = time.time()
-    step0 = int(np.ravel(jax.device_get(state.step))[0])
-    state, terms = epoch_fn(state, data, pert, runs.epoch_key(epoch),
-                            order_key(config, epoch))
-    terms = runs.split(jax.device_get(terms))  # the one host sync
+    first = epoch == start + 1
+    # The first epoch of a process waits for its program (compiling, or
+    # compiled ahead on another thread): say so while it lasts.
+    with _heartbeat(f"[{phase}] epoch {epoch}/{epochs}, with its program's "
+                    "compilation", config.train.heartbeat_s if first else 0):
+      if first and _compiles(epoch_fn):
+        logging.info("[%s] compiling this phase's training program%s, then "
+                     "training epoch %d/%d", phase, _cache_note(), epoch,
+                     epochs)
+      t0 = time.time()
+      step0 = int(np.ravel(jax.device_get(state.step))[0])
+      state, terms = epoch_fn(state, data, pert, runs.epoch_key(epoch),
+                              order_key(config, epoch))
+      terms = runs.split(jax.device_get(terms))  # the one host sync
     for r in active:
       _check_finite(terms[r], step0, phase, runs.where(r))
     dt = time.time() - t0
@@ -370,11 +399,14 @@ def run_phase(phase: str, state, epochs: int, epoch_fn, pert,
           checkpoints.read_json(p) for p in results_paths]
 
     def validate(params):
-      if _compiles(ranker):
+      compiles = _compiles(ranker)
+      if compiles:
         logging.info("[%s] compiling the ranking program for validation",
                      phase)
-      r = np.asarray(ranker(params, *evaluate.split_inputs(data, "valid"),
-                            data["history"]))
+      with _heartbeat(f"[{phase}] validation, with its program's compilation",
+                      config.train.heartbeat_s if compiles else 0):
+        r = np.asarray(ranker(params, *evaluate.split_inputs(data, "valid"),
+                              data["history"]))
       return [evaluate.summarize(x, config.eval.ks)
               for x in (r if stacked else [r])]
 

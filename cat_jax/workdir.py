@@ -245,8 +245,8 @@ PRETRAIN = "pretrain"
 # Fields that may change between a run and its resumption: how long a phase
 # trains (extending the last phase is allowed), logging, evaluation
 # cadence, devices, and where phase 1 lives.
-_FREE_TRAIN = ("epochs", "eval_every", "log_every", "pretrain_dir",
-               "patience")
+_FREE_TRAIN = ("epochs", "eval_every", "log_every", "heartbeat_s",
+               "pretrain_dir", "patience")
 _FREE_ADV = ("epochs", "eval_every", "patience")
 
 

@@ -190,3 +190,21 @@ def test_early_stopping_stops_right_resumes_and_phase2_starts_at_best(
   for key in ("selected_epoch", "test/ndcg@10", "last_epoch"):
     assert r2["pretrain"][key] == r["pretrain"][key]
 
+
+
+def test_heartbeat_logs_while_its_block_runs_and_stops_after(monkeypatch):
+  import time
+  from cat_jax import phase
+  lines = []
+  monkeypatch.setattr(phase.logging, "info",
+                      lambda fmt, *a: lines.append(fmt % a))
+  with phase._heartbeat("[x] compiling", 0.05):  # noqa: SLF001
+    time.sleep(0.3)
+  n = len(lines)
+  assert n >= 3 and all(l.startswith("[x] compiling: ") and
+                        l.endswith(" s so far") for l in lines), lines
+  time.sleep(0.15)
+  assert len(lines) == n  # stopped with its block
+  with phase._heartbeat("[x] off", 0):  # noqa: SLF001
+    time.sleep(0.1)
+  assert len(lines) == n
