@@ -25,6 +25,24 @@ def run_cli(*args, timeout=300):
                         env={**os.environ, "XLA_FLAGS": ""}, timeout=timeout)
 
 
+def sigterm_at(marker: str, *args, env=None):
+  """Runs launch.py, sends SIGTERM once a stderr line holds `marker`, and
+  returns (exit code, whole stderr, stderr after the marker's line)."""
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+      stderr=subprocess.PIPE, text=True,
+      env={**os.environ, "XLA_FLAGS": "", **(env or {})})
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if marker in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  rest = proc.stderr.read()
+  proc.wait(timeout=120)
+  return proc.returncode, "".join(seen) + rest, rest
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--config.train.epoch=5"],
      "unknown config field --config.train.epoch (did you mean train.epochs?)"),
@@ -210,19 +228,10 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path):
   assert set(json.load(open(tmp_path / "full" / "results.json"))) >= {
       "pretrain", "cas", "data", "popularity/valid"}
 
-  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), *args,
-         f"--workdir={tmp_path / 'cut'}"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "XLA_FLAGS": ""})
-  seen = []
-  for line in proc.stderr:  # wait for the first timed epoch, then stop it
-    seen.append(line)
-    if "[pretrain] epoch 7/40" in line:
-      proc.send_signal(signal.SIGTERM)
-      break
-  rest = proc.stderr.read()
-  proc.wait(timeout=120)
-  assert proc.returncode == 128 + signal.SIGTERM, "".join(seen) + rest
+  # Wait for the first timed epoch, then stop it.
+  code, log, rest = sigterm_at("[pretrain] epoch 7/40", *args,
+                               f"--workdir={tmp_path / 'cut'}")
+  assert code == 128 + signal.SIGTERM, log
   assert "Traceback" not in rest
   last = [l for l in rest.splitlines() if l.strip()][-1]
   assert last.startswith("error: interrupted at epoch ")
@@ -247,22 +256,12 @@ def test_a_signal_while_phase_2_compiles_ahead_exits_with_its_code(tmp_path):
   phase 1's) still compiles on its background thread: the run waits for it
   and exits 143 with its one line. It used to abort (SIGABRT, 'FATAL:
   exception not rethrown'): the interpreter exited with XLA compiling."""
-  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), *SMALL,
-         "--config.train.epochs=40", "--config.adv.method=cas",
-         "--config.adv.epochs=1", f"--workdir={tmp_path}"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "XLA_FLAGS": "",
-                               "CAT_COMPILATION_CACHE": "off"})
-  seen = []
-  for line in proc.stderr:
-    seen.append(line)
-    if "[pretrain] compiling this phase's training program" in line:
-      proc.send_signal(signal.SIGTERM)
-      break
-  rest = proc.stderr.read()
-  proc.wait(timeout=120)
-  log = "".join(seen) + rest
-  assert proc.returncode == 128 + signal.SIGTERM, log
+  code, log, rest = sigterm_at(
+      "[pretrain] compiling this phase's training program", *SMALL,
+      "--config.train.epochs=40", "--config.adv.method=cas",
+      "--config.adv.epochs=1", f"--workdir={tmp_path}",
+      env={"CAT_COMPILATION_CACHE": "off"})  # so that it compiles
+  assert code == 128 + signal.SIGTERM, log
   assert "Traceback" not in log and "FATAL" not in log, log
   last = [l for l in rest.splitlines() if l.strip()][-1]
   assert last.startswith("error: interrupted at epoch 1 "), log
