@@ -199,8 +199,9 @@ def synthetic_dataset(num_users: int = 2000, num_items: int = 500,
   pop_cdf = cdf(pop)
   cluster_cdf = [cdf(p) for p in cluster_pop]
 
-  def popular():
-    return int(pop_cdf.searchsorted(rng.random(), side="right"))
+  def draw(c):
+    """An index drawn with the probabilities whose CDF is `c`."""
+    return int(c.searchsorted(rng.random(), side="right"))
 
   lengths = np.maximum(min_length, rng.poisson(mean_length, size=num_users))
   lengths = np.minimum(lengths, num_items // 2)
@@ -208,12 +209,12 @@ def synthetic_dataset(num_users: int = 2000, num_items: int = 500,
   for length in lengths:
     seen = set()
     seq = []
-    cur = popular()
+    cur = draw(pop_cdf)
     for _ in range(length):
       for _ in range(20):  # a few tries to avoid a repeat
         if cur not in seen:
           break
-        cur = popular()
+        cur = draw(pop_cdf)
       if cur in seen:
         break
       seen.add(cur)
@@ -223,10 +224,9 @@ def synthetic_dataset(num_users: int = 2000, num_items: int = 500,
         cur = successor[cur]
       elif u < p_next + p_stay:
         c = cluster[cur]
-        cur = int(members[c][cluster_cdf[c].searchsorted(rng.random(),
-                                                         side="right")])
+        cur = int(members[c][draw(cluster_cdf[c])])
       else:
-        cur = popular()
+        cur = draw(pop_cdf)
     sequences.append(np.asarray(seq, dtype=np.int64) + 1)
   raw = {u: s.tolist() for u, s in enumerate(sequences)}
   return remap(raw)

@@ -226,14 +226,14 @@ class Ahead:
 
   def _cache_size(self) -> int:
     """As jax's: 1 once an executable is there (no compile on the call)."""
-    self._thread.join()
+    self.wait()
     return 1 if self._compiled is not None else self.program._cache_size()  # noqa: SLF001
 
   def lower(self, *args):
     return self.program.lower(*args)
 
   def __call__(self, *args):
-    self._thread.join()
+    self.wait()
     if self._compiled is not None:
       try:
         return self._compiled(*args)

@@ -191,7 +191,6 @@ def test_early_stopping_stops_right_resumes_and_phase2_starts_at_best(
     assert r2["pretrain"][key] == r["pretrain"][key]
 
 
-
 def test_heartbeat_logs_while_its_block_runs_and_stops_after(monkeypatch):
   import time
   from cat_jax import phase
