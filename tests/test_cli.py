@@ -12,6 +12,7 @@ import jax
 import pytest
 
 from cat_jax import checkpoints, config_lib, report
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.synthetic.num_users=300",
@@ -22,7 +23,8 @@ SMALL = ["--config.data.synthetic.num_users=300",
 def run_cli(*args, timeout=300):
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"),
                          *args], capture_output=True, text=True, cwd=ROOT,
-                        env={**os.environ, "XLA_FLAGS": ""}, timeout=timeout)
+                        env={**os.environ, "XLA_FLAGS": xla_flags()},
+                        timeout=timeout)
 
 
 def sigterm_at(marker: str, *args, env=None):
@@ -31,7 +33,7 @@ def sigterm_at(marker: str, *args, env=None):
   proc = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
       stderr=subprocess.PIPE, text=True,
-      env={**os.environ, "XLA_FLAGS": "", **(env or {})})
+      env={**os.environ, "XLA_FLAGS": xla_flags(), **(env or {})})
   seen = []
   for line in proc.stderr:
     seen.append(line)
@@ -97,7 +99,7 @@ def test_every_mistake_is_one_line_with_its_exit_code(tmp_path):
   procs = {name: subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "launch.py"), *args],
       cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**os.environ, "XLA_FLAGS": ""}) for name, (args, _, _) in
+      env={**os.environ, "XLA_FLAGS": xla_flags()}) for name, (args, _, _) in
       cases.items()}
   for name, p in procs.items():
     out, err = p.communicate(timeout=120)
@@ -279,7 +281,7 @@ def test_table2_at_another_eps_is_one_line(tmp_path):
          "--config.model.name=gru4rec", "--config.model.hidden=16",
          "--config.train.epochs=1", "--config.adv.epochs=1"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**os.environ, "XLA_FLAGS": ""})
+        env={**os.environ, "XLA_FLAGS": xla_flags()})
   first = table2(0.5)
   assert first.returncode == 0, first.stderr
   results = tmp_path / "seed0" / "cas" / "results.json"

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo config (configs/default.py) shrunk to compile and train in
@@ -26,7 +27,7 @@ ARGS = ["--config.train.epochs=2", "--config.train.eval_every=1",
 
 def launch(workdir, log, devices, *extra):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": xla_flags(devices)}
   # Output goes to a file: a full pipe would block one process, and the
   # other would wait for it inside a collective.
   return subprocess.Popen(

@@ -14,6 +14,7 @@ import pytest
 
 from cat_jax import data as data_lib
 from cat_jax import evaluate, models, recommend, sharding, train
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_8 = pytest.mark.skipif(
@@ -308,7 +309,7 @@ def _cli(*args):
   return subprocess.Popen(
       [sys.executable, "-m", "cat_jax.recommend", *args], cwd=ROOT,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+      env={**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"})
 
 
 def test_command_line(run, tmp_path):

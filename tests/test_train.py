@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from cat_jax import train
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +107,8 @@ def test_bad_config_fails_before_training(make_config, tmp_path, key, value,
 def run_cli(*args, env=None):
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"),
                          *args], capture_output=True, text=True, cwd=ROOT,
-                        env={**os.environ, "XLA_FLAGS": "", **(env or {})},
+                        env={**os.environ, "XLA_FLAGS": xla_flags(),
+                             **(env or {})},
                         timeout=300)
 
 
