@@ -35,20 +35,25 @@ def make_optimizer(tcfg) -> optax.GradientTransformation:
                      optax.adam(tcfg.lr, b1=tcfg.b1, b2=tcfg.b2))
 
 
-def init_state(model, optimizer, rng, max_len: int) -> TrainState:
-  """A fresh TrainState (step 0) from `rng`."""
+def init_program(model, optimizer, max_len: int, runs: bool = False):
+  """The jitted `init(rng) -> TrainState` (step 0); with `runs=True`, rng is
+  [R, 2] and the states are stacked over a leading run axis."""
   def init(rng):
     params = model.init(rng, jnp.ones((1, max_len), jnp.int32))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params))
   # One compiled program: op by op, Flax's init runs ~3 s on a CPU.
-  return jax.jit(init)(rng)
+  return jax.jit(jax.vmap(init) if runs else init)
+
+
+def init_state(model, optimizer, rng, max_len: int) -> TrainState:
+  """A fresh TrainState (step 0) from `rng`."""
+  return init_program(model, optimizer, max_len)(rng)
 
 
 def init_states(model, optimizer, keys, max_len: int) -> TrainState:
   """Independent TrainStates stacked over a leading run axis, one per key."""
-  return jax.vmap(lambda k: init_state(model, optimizer, k, max_len))(keys)
-
+  return init_program(model, optimizer, max_len, runs=True)(keys)
 
 
 def make_train_epoch(objective, optimizer, num_items: int,

@@ -69,7 +69,7 @@ def map_batches(fn: Callable, arrays: tuple, batch_size: int) -> jax.Array:
 
 def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
                 mesh=None, runs: bool = False,
-                plan: batching.EvalPlan | None = None):
+                plan: batching.EvalPlan | None = None, program=None):
   """Jitted ranks(params, inputs, targets, users, extra, history) -> [E] int32.
 
   Args of the returned function:
@@ -85,8 +85,12 @@ def make_ranker(score_fn: Callable, num_items: int, batch_size: int,
   0 (padding of sharded tables) get rank 0, which `summarize` skips.
   With a length-bucket `plan` (`batching.eval_plan`), each bucket's rows are
   scored on their last T_b columns only; the ranks are the same.
+  `program`: the `.program` of an earlier ranker of the same arguments
+  (plans of the same shape), reused instead of building a new one.
   """
   sharding.check_divisible(batch_size, mesh, "eval.batch_size")
+  if program is not None:
+    return _with_rows(program, plan, mesh)
 
   def ranks(params, inputs, targets, users, extra, history):
     def one(_, *xs):
@@ -133,7 +137,7 @@ def _jit_replicated(fn, mesh):
 
 def make_chunked_ranker(model, num_items: int, batch_size: int,
                         item_chunk: int, mesh=None, shard_items: bool = False,
-                        plan: batching.EvalPlan | None = None):
+                        plan: batching.EvalPlan | None = None, program=None):
   """As `make_ranker` for a model, holding [batch, item_chunk] scores at most.
 
   For catalogs whose [batch_size, N+1] score matrix does not fit: the items
@@ -145,8 +149,10 @@ def make_chunked_ranker(model, num_items: int, batch_size: int,
   instead of the users: each device scores every user of the batch against
   its N/D items (`jax.shard_map`), and the per-device counts are summed
   (`psum`). Ranks need counts only, so there is no top-k to merge.
-  A length-bucket `plan` works as in `make_ranker`.
+  A length-bucket `plan` and `program` work as in `make_ranker`.
   """
+  if program is not None:
+    return _with_rows(program, plan, mesh)
   n_dev = mesh.size if (shard_items and mesh is not None) else 1
   if n_dev == 1:
     sharding.check_divisible(batch_size, mesh, "eval.batch_size")

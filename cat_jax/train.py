@@ -28,10 +28,11 @@ from absl import logging
 
 from cat_jax import adversarial, batching, cascade, checkpoints, compilation
 from cat_jax import data as data_lib
-from cat_jax import evaluate, models, poisoning, sharding
+from cat_jax import evaluate, models, poisoning, programs as programs_lib
+from cat_jax import sharding
 from cat_jax import workdir_lock
 from cat_jax.epoch import (  # noqa: F401 (also importable from here)
-    Ahead, TrainState, epoch_program, init_state, init_states,
+    Ahead, TrainState, epoch_program, init_program, init_state, init_states,
     make_optimizer, make_train_epoch)
 from cat_jax.phase import order_key, run_phase
 from cat_jax.writer import JsonlWriter, is_chief
@@ -332,7 +333,11 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs, retrain,
                              json.loads(c.to_json_best_effort()))
       checkpoints.write_item_ids(w, ds)
   writers = [JsonlWriter(os.path.join(w, "metrics.jsonl")) for w in workdirs]
-  programs = {}  # one compiled epoch per method structure (`epoch_program`)
+  # The compiled programs: one epoch per method structure, the ranker and
+  # the initializer; an earlier run of this process with the same setup
+  # filled them already (`programs`).
+  programs = programs_lib.for_setup(programs_lib.setup_key(
+      config, len(seeds), ds.num_items, mesh, plan, eval_plan, data))
   try:
     with checkpoints.Preemption() as preemption:
       try:
@@ -363,16 +368,17 @@ def _train_phases(config, run_configs, workdirs, pre_dirs, seeds, stacked,
                   ds, stats, data, mesh, plan, eval_plan, writers,
                   preemption, programs: dict) -> list:
   """Phase 1, then phase 2, for checked and prepared workdirs. `programs`
-  ({structure: epoch program}, empty) collects the compiled epochs."""
+  (`programs.for_setup`: {structure: epoch program, "init": ..., "ranker":
+  ...}) holds the compiled programs of earlier runs of the same setup and
+  collects this run's."""
   N, T = ds.num_items, config.data.max_len
   model = models.build_model(config.model, N, T)
   optimizer = make_optimizer(config.train)
   keys = [jax.random.split(jax.random.PRNGKey(s), 3) for s in seeds]
   init_keys, pre_keys, adv_keys = ([k[i] for k in keys] for i in range(3))
-  if stacked:
-    state = init_states(model, optimizer, jnp.stack(init_keys), T)
-  else:
-    state = init_state(model, optimizer, init_keys[0], T)
+  if "init" not in programs:
+    programs["init"] = init_program(model, optimizer, T, runs=stacked)
+  state = programs["init"](jnp.stack(init_keys) if stacked else init_keys[0])
   state = sharding.replicate(state, mesh)
   if config.eval.item_chunk:
     if stacked:
@@ -381,11 +387,14 @@ def _train_phases(config, run_configs, workdirs, pre_dirs, seeds, stacked,
     ranker = evaluate.make_chunked_ranker(model, N, config.eval.batch_size,
                                           config.eval.item_chunk, mesh,
                                           config.eval.shard_items,
-                                          plan=eval_plan)
+                                          plan=eval_plan,
+                                          program=programs.get("ranker"))
   else:
     ranker = evaluate.make_ranker(evaluate.model_scores(model), N,
                                   config.eval.batch_size, mesh, runs=stacked,
-                                  plan=eval_plan)
+                                  plan=eval_plan,
+                                  program=programs.get("ranker"))
+  programs["ranker"] = ranker.program
   popularity = evaluate.evaluate_popularity(data, N, config.eval.batch_size,
                                             config.eval.ks, mesh=mesh)
   logging.info("popularity ranker (the baseline to beat): valid %s %.4f",
