@@ -94,8 +94,8 @@ def compiler_options() -> dict | None:
 
   An option also set in $XLA_FLAGS (`--xla_backend_optimization_level=0`)
   is left to XLA_FLAGS, which then applies to every program of the process:
-  the test suite compiles its tiny programs at level 0 that way (they run
-  in milliseconds, and compile ~40% faster).
+  the test suite compiles its tiny programs with XLA's fast-compile flags
+  that way (tests/conftest.py; docs/scaling.md).
   """
   if jax.default_backend() != "cpu":
     return None
