@@ -146,3 +146,19 @@ def run_ranker(model, num_items, batch_size, runs=False):
 
   on_mesh._cache_size = ranker._cache_size  # noqa: SLF001 (as jax's)
   return on_mesh
+
+
+# The files that take longest, longest first (CPU seconds on 2 cores,
+# 2026-12-03; benchmarks/RESULTS.md, "The test suite"). pytest-xdist hands
+# whole files (--dist loadfile) to whichever worker is free, in collection
+# order: a long file collected last (alphabetically, test_train.py) kept
+# one worker busy while the other had nothing left.
+LONGEST_FIRST = ("test_cli.py", "test_faults.py", "test_robustness.py",
+                 "test_train.py", "test_sharding.py", "test_experiments.py",
+                 "test_multirun.py", "test_multihost.py",
+                 "test_adversarial.py", "test_batching.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
