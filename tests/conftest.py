@@ -151,8 +151,9 @@ def run_ranker(model, num_items, batch_size, runs=False):
 # The files that take longest, longest first (CPU seconds on 2 cores,
 # 2026-12-03; benchmarks/RESULTS.md, "The test suite"). pytest-xdist hands
 # whole files (--dist loadfile) to whichever worker is free, in collection
-# order: a long file collected last (alphabetically, test_train.py) kept
-# one worker busy while the other had nothing left.
+# order, so a long file collected last (alphabetically, test_train.py)
+# would keep one worker busy while the other has nothing left (the suite
+# used ~90% of both cores before this order).
 LONGEST_FIRST = ("test_cli.py", "test_faults.py", "test_robustness.py",
                  "test_train.py", "test_sharding.py", "test_experiments.py",
                  "test_multirun.py", "test_multihost.py",
