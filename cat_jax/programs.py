@@ -29,7 +29,7 @@ import json
 
 import numpy as np
 
-from cat_jax import compilation
+from cat_jax import compilation, config_lib
 
 # Config fields that no program depends on: they steer the training loop,
 # name folders, or reach the programs as runtime inputs (the PRNG keys, the
@@ -45,16 +45,6 @@ RUNTIME_FIELDS = frozenset({
 MAX_SETUPS = 4
 
 _SETUPS: collections.OrderedDict = collections.OrderedDict()
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def _static(plan) -> tuple | None:
@@ -84,7 +74,7 @@ def setup_key(config, num_runs: int, num_items: int, mesh, plan, eval_plan,
     plan, eval_plan: `batching.TrainPlan`, `batching.EvalPlan` or None.
     data: the device tables ({name: array}).
   """
-  fields = {k: v for k, v in _flat(config.to_dict()).items()
+  fields = {k: v for k, v in config_lib.flat_fields(config).items()
             if k not in RUNTIME_FIELDS}
   options = compilation.compiler_options() or {}
   return (json.dumps(fields, sort_keys=True, default=repr), num_runs,
