@@ -9,6 +9,12 @@ linearly with it: one branch of the `lax.switch` per bucket).
 
   CAT_DATA_DIR=... taskset -c 0 python benchmarks/compile_profile.py \
       --config=configs/sasrec_video.py --methods=none,cas --cache=/tmp/cc
+
+With `--store`, a compiled executable is also serialized to that folder,
+and a later run with the same `--store` loads it directly, skipping the
+trace and lower a cache hit still pays (run 1: `--cache=/tmp/cc
+--store=/tmp/st`; run 2: `--cache=/tmp/cc`; run 3: `--store=/tmp/st`).
+Only a measurement: the runs do not keep such a store (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import pickle
 import sys
 import time
 
@@ -24,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.experimental import serialize_executable  # noqa: E402
 
 from cat_jax import adversarial, compilation, models, poisoning  # noqa: E402
 from cat_jax import data as data_lib  # noqa: E402
@@ -40,6 +48,10 @@ def main():
   ap.add_argument("--methods", default="none,cas")
   ap.add_argument("--buckets", type=int, default=0, help="0: the config's")
   ap.add_argument("--cache", default="off", help="folder, or off")
+  ap.add_argument("--store", default="",
+                  help="folder of serialized executables: written after a "
+                  "compile, and when there, loaded instead (no trace, no "
+                  "lower); what a store keyed by the setup would save")
   a = ap.parse_args()
   compilation.setup_cache(a.cache)
   spec = importlib.util.spec_from_file_location("config", a.config)
@@ -68,6 +80,15 @@ def main():
           for k, v in cfg.hyperparams().items()}
     args = (state, data, pert, hp, order_arrays(plan),
             jax.random.PRNGKey(1), order_key(config, 1))
+    stored = os.path.join(a.store, f"{method}.pkl") if a.store else ""
+    if stored and os.path.exists(stored):
+      t0 = time.perf_counter()
+      with open(stored, "rb") as f:
+        compiled = serialize_executable.deserialize_and_load(*pickle.load(f))
+      t1 = time.perf_counter()
+      print(f"  {method:8s} load the stored executable {t1 - t0:6.2f} s "
+            "(no trace, no lower)", flush=True)
+      continue
     t0 = time.perf_counter()
     traced = epoch.program.trace(*args)
     t1 = time.perf_counter()
@@ -81,7 +102,10 @@ def main():
     print(f"  {method:8s} trace {t1 - t0:5.2f} s  lower {t2 - t1:5.2f} s  "
           f"compile (or load from the cache) {t3 - t2:6.2f} s  "
           f"{fusions} fusions", flush=True)
-
+    if stored:
+      os.makedirs(a.store, exist_ok=True)
+      with open(stored, "wb") as f:
+        pickle.dump(serialize_executable.serialize(compiled), f)
 
 if __name__ == "__main__":
   main()
