@@ -52,16 +52,10 @@ def packed_rows(ds, T: int, rows: int, seed: int = 0):
                           user_ids=list(range(rows)), item_ids=[])
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--config", default="configs/sasrec_video.py")
-  ap.add_argument("--methods", default="none,cas")
-  ap.add_argument("--epochs", type=int, default=3)
-  a = ap.parse_args()
-  spec = importlib.util.spec_from_file_location("config", a.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+def measure(config, methods=("none", "cas"), epochs: int = 3):
+  """Yields (shape, method, compile seconds, [epoch seconds]) for the
+  bucketed plan of `config` ("bucketed") and its packed proxy ("packed");
+  prints the shapes first."""
   T = config.data.max_len
   ds = poisoning.load_from_config(config.data)
   data = device_data(data_lib.build_arrays(ds, T))
@@ -71,17 +65,18 @@ def main():
   batch = int(np.ceil(rows / plan.num_steps))
   pds = packed_rows(ds, T, rows)
   pdata = device_data(data_lib.build_arrays(pds, T))
+  config = config.copy_and_resolve_references()
   config.train.buckets, config.train.batch_size = 1, batch
   pplan, _ = train.make_plans(config, pds, pdata)
-  print(f"{a.config}: {items:.0f} training items; bucketed: "
-        f"{plan.describe()}; packed proxy: {rows} rows of {T}, batch "
-        f"{batch} rows, {pplan.num_steps} steps", flush=True)
+  print(f"{items:.0f} training items; bucketed: {plan.describe()}; packed "
+        f"proxy: {rows} rows of {T}, batch {batch} rows, "
+        f"{pplan.num_steps} steps", flush=True)
   N = ds.num_items
   model = models.build_model(config.model, N, T)
   optimizer = make_optimizer(config.train)
   for label, d, p in (("bucketed", data, plan), ("packed", pdata, pplan)):
     pert = (d["train_inputs"] > 0).astype(jnp.float32)
-    for method in a.methods.split(","):
+    for method in methods:
       state = init_state(model, optimizer, jax.random.PRNGKey(0), T)
       cfg = adversarial.method_config(method)
       epoch, _ = make_train_epoch(adversarial.make_objective(model, cfg),
@@ -94,14 +89,28 @@ def main():
       compiled = epoch.program.lower(state, *args).compile()
       t1 = time.perf_counter()
       times = []
-      for _ in range(a.epochs):
+      for _ in range(epochs):
         t2 = time.perf_counter()
         state, terms = compiled(state, *args)
         jax.block_until_ready(terms)
         times.append(time.perf_counter() - t2)
-      print(f"  {label:8s} {method:5s} compile {t1 - t0:5.1f} s, epochs "
-            + " ".join(f"{x:.2f}" for x in times) + " s", flush=True)
+      yield label, method, t1 - t0, times
 
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--config", default="configs/sasrec_video.py")
+  ap.add_argument("--methods", default="none,cas")
+  ap.add_argument("--epochs", type=int, default=3)
+  a = ap.parse_args()
+  spec = importlib.util.spec_from_file_location("config", a.config)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  print(a.config, end=": ")
+  for label, method, compiled, times in measure(
+      module.get_config(), a.methods.split(","), a.epochs):
+    print(f"  {label:8s} {method:5s} compile {compiled:5.1f} s, epochs "
+          + " ".join(f"{x:.2f}" for x in times) + " s", flush=True)
 
 if __name__ == "__main__":
   main()

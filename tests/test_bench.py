@@ -31,3 +31,20 @@ def test_every_measurement_on_a_tiny_shape(bench):
   assert records[1]["seconds_per_run"] == records[1]["seconds"] / 2
   protocol = records[-1]
   assert protocol["epochs"] == [1, 1] and 0 < protocol["test_ndcg@10"] <= 1
+
+
+def test_packing_proxy_holds_the_items_of_the_bucketed_plan(make_config):
+  spec = importlib.util.spec_from_file_location(
+      "packing_proxy", os.path.join(ROOT, "benchmarks", "packing_proxy.py"))
+  proxy = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(proxy)
+  config = make_config(**{"model.name": "gru4rec", "train.buckets": 3})
+  got = list(proxy.measure(config, ("none",), epochs=1))
+  assert [(g[0], g[1]) for g in got] == [("bucketed", "none"),
+                                         ("packed", "none")]
+  assert all(g[2] > 0 and len(g[3]) == 1 and g[3][0] > 0 for g in got)
+  from cat_jax import data as data_lib
+  ds = data_lib.load_from_config(config.data)
+  rows = proxy.packed_rows(ds, 12, 5)
+  arrays = data_lib.build_arrays(rows, 12)
+  assert (arrays.train_inputs[arrays.train_users] > 0).all()  # full rows
