@@ -107,5 +107,6 @@ def main():
       with open(stored, "wb") as f:
         pickle.dump(serialize_executable.serialize(compiled), f)
 
+
 if __name__ == "__main__":
   main()
