@@ -52,6 +52,13 @@ def packed_rows(ds, T: int, rows: int, seed: int = 0):
                           user_ids=list(range(rows)), item_ids=[])
 
 
+def proxy_shape(plan, T: int) -> tuple[int, int]:
+  """(rows, batch rows): full T-long rows holding the plan's training items,
+  batched so that an epoch takes about the plan's number of steps."""
+  rows = int(np.ceil(plan.mean_length * len(plan.users) / T))
+  return rows, int(np.ceil(rows / plan.num_steps))
+
+
 def measure(config, methods=("none", "cas"), epochs: int = 3):
   """Yields (shape, method, compile seconds, [epoch seconds]) for the
   bucketed plan of `config` ("bucketed") and its packed proxy ("packed");
@@ -61,8 +68,7 @@ def measure(config, methods=("none", "cas"), epochs: int = 3):
   data = device_data(data_lib.build_arrays(ds, T))
   plan, _ = train.make_plans(config, ds, data)
   items = plan.mean_length * len(plan.users)
-  rows = int(np.ceil(items / T))
-  batch = int(np.ceil(rows / plan.num_steps))
+  rows, batch = proxy_shape(plan, T)
   pds = packed_rows(ds, T, rows)
   pdata = device_data(data_lib.build_arrays(pds, T))
   config = config.copy_and_resolve_references()
@@ -111,6 +117,7 @@ def main():
       module.get_config(), a.methods.split(","), a.epochs):
     print(f"  {label:8s} {method:5s} compile {compiled:5.1f} s, epochs "
           + " ".join(f"{x:.2f}" for x in times) + " s", flush=True)
+
 
 if __name__ == "__main__":
   main()

@@ -43,8 +43,15 @@ def test_packing_proxy_holds_the_items_of_the_bucketed_plan(make_config):
   assert [(g[0], g[1]) for g in got] == [("bucketed", "none"),
                                          ("packed", "none")]
   assert all(g[2] > 0 and len(g[3]) == 1 and g[3][0] > 0 for g in got)
+  from cat_jax import batching, train
   from cat_jax import data as data_lib
   ds = data_lib.load_from_config(config.data)
-  rows = proxy.packed_rows(ds, 12, 5)
-  arrays = data_lib.build_arrays(rows, 12)
+  plan, _ = train.make_plans(config, ds, batching.device_data(
+      data_lib.build_arrays(ds, 12)))
+  rows, batch = proxy.proxy_shape(plan, 12)
+  items = plan.mean_length * len(plan.users)
+  assert (rows - 1) * 12 < items <= rows * 12  # the plan's items, no more
+  assert -(-rows // batch) <= plan.num_steps  # no more steps than the plan
+  arrays = data_lib.build_arrays(proxy.packed_rows(ds, 12, rows), 12)
+  assert len(arrays.train_users) == rows
   assert (arrays.train_inputs[arrays.train_users] > 0).all()  # full rows
