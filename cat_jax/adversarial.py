@@ -44,6 +44,10 @@ taken over the real positions only (w > 0), and the random start is drawn per
 position counted from the end of the window, so a left-padded sequence gets
 the same perturbation whatever the amount of padding (same rng).
 
+Packed rows (`packing`, `train.layout=packed`) hold several sequences per
+row; `segments` ([B, T] sequence ids) then makes every per-sequence norm
+and factor above a per-sequence one instead of a per-row one.
+
 Per-user magnitude (`magnitude`, beyond the paper). 'uniform' (default): every
 perturbation has size eps, as above. 'pamacf' follows PamaCF (Zhang et al.,
 "Understanding and Improving Adversarial Collaborative Filtering for Robust
@@ -192,7 +196,12 @@ def method_config(method: str, eps: float = 10.0, lambda1: float = 1.0,
 
 def l2_normalize(g: jax.Array, axes) -> jax.Array:
   """g / ||g||_2 over `axes` (0 where the norm is 0, never NaN)."""
-  sq = jnp.sum(jnp.square(g), axis=axes, keepdims=True)
+  return _divide_by_norm(g, jnp.sum(jnp.square(g), axis=axes, keepdims=True))
+
+
+def _divide_by_norm(g: jax.Array, sq: jax.Array) -> jax.Array:
+  """g / sqrt(sq), 0 where sq is 0: `sq` is g's sum of squares over the
+  entries of one norm, broadcast to g."""
   safe = jnp.where(sq > 0, sq, 1.0)
   return jnp.where(sq > 0, g * jax.lax.rsqrt(safe), 0.0)
 
@@ -223,12 +232,42 @@ def magnitude_factors(W: jax.Array, weights: jax.Array) -> jax.Array:
   return jax.lax.stop_gradient(jax.nn.sigmoid(norms - mean))
 
 
-def sequence_factors(W: jax.Array, weights: jax.Array) -> jax.Array:
+def sequence_factors(W: jax.Array, weights: jax.Array,
+                     segments: jax.Array | None = None) -> jax.Array:
   """[B]: each sequence's level-1 factor, the mean of `magnitude_factors`
-  over its real positions (0 for a sequence without one)."""
+  over its real positions (0 for a sequence without one).
+
+  With `segments` ([B, T] ids of packed sequences, `packing`), [B, T]: the
+  factor of each position's own sequence.
+  """
   c = magnitude_factors(W, weights)
   real = (weights > 0).astype(c.dtype)
+  if segments is not None:
+    return (sequence_sum(c * real, segments) /
+            jnp.maximum(sequence_sum(real, segments), 1.0))
   return jnp.sum(c * real, axis=-1) / jnp.maximum(jnp.sum(real, axis=-1), 1.0)
+
+
+def sequence_sum(x: jax.Array, segments: jax.Array) -> jax.Array:
+  """[B, T]: at each position, the sum of x [B, T] over its sequence.
+
+  segments: [B, T] int ids in 0..B*T (`packing.batch_rows`); positions
+  with equal ids belong to one sequence, wherever they are in the batch.
+  """
+  B, T = x.shape
+  total = jax.ops.segment_sum(x.ravel(), segments.ravel(),
+                              num_segments=B * T + 1)
+  return total[segments]
+
+
+def _level1_sq(x: jax.Array, scope: str,
+               segments: jax.Array | None = None) -> jax.Array:
+  """Sum of squares of x [B, T, d] over each level-1 norm's entries,
+  broadcastable to x: per sequence (scope 'row'; per packed sequence with
+  `segments`) or over the batch."""
+  if scope == "row" and segments is not None:
+    return sequence_sum(jnp.sum(jnp.square(x), axis=-1), segments)[..., None]
+  return jnp.sum(jnp.square(x), axis=_level1_axes(scope), keepdims=True)
 
 
 def _size(eps: float, ref, axes):
@@ -271,7 +310,8 @@ def row_perturbation(grad: jax.Array, eps: float, scope: str = "row",
 
 def budgeted_perturbation(direction: jax.Array, pert_w: jax.Array, eps,
                           cfg: AdvConfig,
-                          ref: jax.Array | None = None) -> jax.Array:
+                          ref: jax.Array | None = None,
+                          segments: jax.Array | None = None) -> jax.Array:
   """The applied level-1 perturbation delta [B, T, d] along `direction`.
 
   Eq. 4.6/4.7 with the budget rule of `cfg.budget` (module docstring):
@@ -287,16 +327,19 @@ def budgeted_perturbation(direction: jax.Array, pert_w: jax.Array, eps,
     eps: size (python float or array broadcastable to [B, 1, 1]).
     cfg: AdvConfig (its scope and budget).
     ref: optional [B, T, d] reference (S) for a relative size.
+    segments: optional [B, T] ids of packed sequences (`packing`): the
+      'row' norms are then taken per sequence, not per row.
   """
   real = (pert_w > 0)[..., None]
   w = jnp.where(real, pert_w[..., None], 0.0).astype(direction.dtype)
   d = jnp.where(real, direction, 0.0)
-  axes = _level1_axes(cfg.scope)
-  size = _size(eps, None if ref is None else jnp.where(real, ref, 0.0), axes)
+  sq = lambda x: _level1_sq(x, cfg.scope, segments)
+  size = eps if ref is None else eps * jnp.sqrt(
+      sq(jax.lax.stop_gradient(jnp.where(real, ref, 0.0))))
   if cfg.budget == "equal":
-    return size * l2_normalize(w * d, axes)
+    return size * _divide_by_norm(w * d, sq(w * d))
   if cfg.budget == "mean":
-    return w * (size * l2_normalize(d, axes))
+    return w * (size * _divide_by_norm(d, sq(d)))
   raise ValueError(f"Unknown adv.budget {cfg.budget!r}; choose one of "
                    f"{BUDGETS}.")
 
@@ -316,7 +359,8 @@ def start_noise(rng: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
 
 
 def level1_start(rng: jax.Array, pert_w: jax.Array, shape,
-                 cfg: AdvConfig, dtype=jnp.float32) -> jax.Array:
+                 cfg: AdvConfig, dtype=jnp.float32,
+                 segments: jax.Array | None = None) -> jax.Array:
   """delta_0 [B, T, d]: the random start of the level-1 search.
 
   The gradient of ||f(S + delta) - f(S)|| is exactly zero at delta = 0 (a
@@ -326,7 +370,7 @@ def level1_start(rng: jax.Array, pert_w: jax.Array, shape,
   (`budgeted_perturbation` with eps = xi, never relative).
   """
   return budgeted_perturbation(start_noise(rng, shape, dtype), pert_w,
-                               cfg.xi, cfg)
+                               cfg.xi, cfg, segments=segments)
 
 
 def level1_perturbation(encode: Callable[[jax.Array], jax.Array],
@@ -334,7 +378,8 @@ def level1_perturbation(encode: Callable[[jax.Array], jax.Array],
                         cfg: AdvConfig, *, weights: jax.Array | None = None,
                         pos: jax.Array | None = None,
                         neg: jax.Array | None = None,
-                        W: jax.Array | None = None) -> jax.Array:
+                        W: jax.Array | None = None,
+                        segments: jax.Array | None = None) -> jax.Array:
   """The level-1 perturbation delta [B, T, d] that `adv_step` adds to S.
 
   Eq. 4.6: the encoder sees S + delta with delta = w ⊙ A (here w = pert_w
@@ -363,6 +408,9 @@ def level1_perturbation(encode: Callable[[jax.Array], jax.Array],
     pos, neg: [B, T, d] positive / negative item embeddings (level1 'bce').
     W: encode(S), when already computed (saves one encoder pass; also
       what the 'pamacf' factors are computed from).
+    segments: [B, T] ids of packed sequences (`packing`; `encode` must
+      use the same): every per-sequence norm and factor is then per
+      sequence, not per row.
 
   Returns:
     [B, T, d], 0 at padding positions.
@@ -374,7 +422,7 @@ def level1_perturbation(encode: Callable[[jax.Array], jax.Array],
     weights = (pert_w > 0).astype(S.dtype)
   if cfg.level1 == "distance":
     W = jax.lax.stop_gradient(encode(S) if W is None else W)
-    X0 = S + level1_start(rng, pert_w, S.shape, cfg, S.dtype)
+    X0 = S + level1_start(rng, pert_w, S.shape, cfg, S.dtype, segments)
     loss = lambda x: losses.weighted_mean(safe_norm(encode(x) - W), weights)
   elif cfg.level1 == "bce":
     if pos is None or neg is None:
@@ -390,21 +438,24 @@ def level1_perturbation(encode: Callable[[jax.Array], jax.Array],
   elif cfg.direction != "input":
     raise ValueError(f"Unknown adv.direction {cfg.direction!r}; choose one "
                      f"of {DIRECTIONS}.")
-  delta = budgeted_perturbation(g, pert_w, _level1_eps(encode, S, W, weights,
-                                                      cfg), cfg,
-                                S if cfg.relative else None)
+  eps = _level1_eps(encode, S, W, weights, cfg, segments)
+  delta = budgeted_perturbation(g, pert_w, eps, cfg,
+                                S if cfg.relative else None, segments)
   return jax.lax.stop_gradient(delta)
 
 
-def _level1_eps(encode, S, W, weights, cfg: AdvConfig):
-  """eps, or per sequence eps * c_b [B, 1, 1] with magnitude 'pamacf'."""
+def _level1_eps(encode, S, W, weights, cfg: AdvConfig, segments=None):
+  """eps, or per sequence eps * c_b [B, 1, 1] with magnitude 'pamacf'
+  ([B, T, 1] with packed `segments`)."""
   if cfg.magnitude == "uniform":
     return cfg.eps
   if cfg.magnitude != "pamacf":
     raise ValueError(f"Unknown adv.magnitude {cfg.magnitude!r}; choose one "
                      f"of {MAGNITUDES}.")
   W = jax.lax.stop_gradient(encode(S) if W is None else W)
-  return cfg.eps * sequence_factors(W, weights)[:, None, None].astype(S.dtype)
+  c = sequence_factors(W, weights, segments)
+  c = c[..., None] if segments is not None else c[:, None, None]
+  return cfg.eps * c.astype(S.dtype)
 
 
 def embedding_distance(encode: Callable, S, W, delta, weights):
@@ -416,19 +467,21 @@ def embedding_distance(encode: Callable, S, W, delta, weights):
   return losses.weighted_mean(safe_norm(W_adv - W), weights)
 
 
-def level1_distance(encode, S, W, pert_w, weights, rng, cfg: AdvConfig):
+def level1_distance(encode, S, W, pert_w, weights, rng, cfg: AdvConfig,
+                    segments=None):
   """(L_adv1, delta): Eq. 4.6 at delta = `level1_perturbation` (distance)."""
   delta = level1_perturbation(encode, S, pert_w, rng,
                               cfg._replace(level1="distance"),
-                              weights=weights, W=W)
+                              weights=weights, W=W, segments=segments)
   return embedding_distance(encode, S, W, delta, weights), delta
 
 
-def level1_bce(encode, S, pos, neg, pert_w, weights, cfg: AdvConfig):
+def level1_bce(encode, S, pos, neg, pert_w, weights, cfg: AdvConfig,
+               segments=None):
   """Method `seq`: (BCE of f(S + delta), delta), delta along its gradient."""
   delta = level1_perturbation(encode, S, pert_w, None,
                               cfg._replace(level1="bce"), weights=weights,
-                              pos=pos, neg=neg)
+                              pos=pos, neg=neg, segments=segments)
   return losses.bce_loss(encode(S + delta), pos, neg, weights), delta
 
 
@@ -458,7 +511,8 @@ def level2(W, pos, neg, weights, cfg: AdvConfig):
 
 def adv_step(encode: Callable[[jax.Array], jax.Array], S: jax.Array,
              pos: jax.Array, neg: jax.Array, weights: jax.Array,
-             pert_w: jax.Array, rng: jax.Array, cfg: AdvConfig) -> dict:
+             pert_w: jax.Array, rng: jax.Array, cfg: AdvConfig,
+             segments: jax.Array | None = None) -> dict:
   """All loss terms of Eq. 4.10 for one batch.
 
   Args:
@@ -474,6 +528,9 @@ def adv_step(encode: Callable[[jax.Array], jax.Array], S: jax.Array,
     cfg: AdvConfig (see `method_config`). The level-1 perturbation is
       `level1_perturbation(encode, S, pert_w, rng, cfg, weights=weights,
       pos=pos, neg=neg)`.
+    segments: optional [B, T] ids of the sequences of packed rows
+      (`packing.batch_rows`; `encode` must use the same): level-1 norms and
+      factors are then per sequence. Level 2 is per position either way.
 
   Returns:
     dict with 'loss' (total, Eq. 4.10), 'bce' (L_B), 'adv1', 'adv2'.
@@ -484,7 +541,7 @@ def adv_step(encode: Callable[[jax.Array], jax.Array], S: jax.Array,
   adv1 = adv2 = zero
   if cfg.level1 != "none":
     delta = level1_perturbation(encode, S, pert_w, rng, cfg, weights=weights,
-                                pos=pos, neg=neg, W=W)
+                                pos=pos, neg=neg, W=W, segments=segments)
     if cfg.level1 == "distance":
       adv1 = embedding_distance(encode, S, W, delta, weights)
     else:  # 'bce' (seq)
@@ -499,7 +556,8 @@ def make_objective(model, cfg: AdvConfig):
   """objective(params, batch, rng, hparams=None) -> (loss, terms).
 
   batch: dict with 'inputs', 'targets', 'negatives' [B, T] int, 'weights' and
-  'pert' [B, T] float. `hparams` ({'eps', 'lambda1', 'lambda2', 'xi'}, scalars
+  'pert' [B, T] float; packed rows add 'segments' and 'positions' [B, T]
+  int (`packing.batch_rows`). `hparams` ({'eps', 'lambda1', 'lambda2', 'xi'}, scalars
   that may be traced) replace those values of `cfg`: then only
   `cfg.structure()` is baked into a compiled step.
   """
@@ -511,8 +569,11 @@ def make_objective(model, cfg: AdvConfig):
     S = model.embed(params, inputs)
     E = model.items(params)
     pos, neg = E[batch["targets"]], E[batch["negatives"]]
-    encode = lambda s: model.encode(params, s, mask, train=True, rng=drop_rng)
+    segments = batch.get("segments")
+    encode = lambda s: model.encode(params, s, mask, train=True, rng=drop_rng,
+                                    segments=segments,
+                                    positions=batch.get("positions"))
     terms = adv_step(encode, S, pos, neg, batch["weights"], batch["pert"],
-                     adv_rng, cfg_)
+                     adv_rng, cfg_, segments=segments)
     return terms["loss"], terms
   return objective

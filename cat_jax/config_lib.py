@@ -118,6 +118,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Seed of the order in which the buckets' batches take turns (shared by the
   # seeds of a vectorized group; users within buckets follow `seed`).
   c.train.order_seed = 0
+  # How training windows become batches: 'buckets' (left-padded windows,
+  # length buckets above) or 'packed' (several users' items side by side in
+  # rows of data.max_len, with attention, positions and the GRU state kept
+  # per sequence: one shape, so the epoch compiles once, not per bucket;
+  # `packing`). 'packed' ignores train.buckets and train.bucket_lengths.
+  c.train.layout = "buckets"
+  # Rows per step with layout 'packed' (0 = as many as hold train.batch_size
+  # users on average).
+  c.train.pack_rows = 0
 
   c.adv = ml_collections.ConfigDict()
   # Phase 2 method: none, linear, seq, global, cas, cas_temporal, cas_cross;

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from cat_jax import batching, compilation, sampling, sharding
+from cat_jax import batching, compilation, packing, sampling, sharding
 
 
 @flax.struct.dataclass
@@ -91,7 +91,8 @@ def make_train_epoch(objective, optimizer, num_items: int,
   """
   if program is None:
     program = epoch_program(objective, optimizer, num_items, plan, mesh, runs)
-  order = batching.order_arrays(plan)
+  order = (packing.order_arrays(plan) if isinstance(plan, packing.PackedPlan)
+           else batching.order_arrays(plan))
   if mesh is not None:
     order = sharding.replicate(order, mesh)
   hp = {k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()}
@@ -125,6 +126,8 @@ def epoch_program(objective, optimizer, num_items: int,
   length): a sum over positions divided by what an average batch holds, so
   every position weighs what it weighs in unbucketed training.
   """
+  if isinstance(plan, packing.PackedPlan):
+    return _packed_program(objective, optimizer, num_items, plan, mesh, runs)
   sharding.check_divisible(plan.batch_size, mesh, "train.batch_size")
   norm = plan.batch_size * plan.mean_length if len(plan.lengths) > 1 else None
   num_steps, lengths = plan.num_steps, plan.lengths
@@ -177,6 +180,63 @@ def epoch_program(objective, optimizer, num_items: int,
       return jax.lax.switch(b, branches, state, u, real_user, k)
 
     return jax.lax.scan(step, state, (buckets, idx, real, keys))
+
+  if runs:
+    epoch = jax.vmap(epoch, in_axes=(0, None, None, None, None, 0, None))
+  return jax.jit(epoch, donate_argnums=0,
+                 compiler_options=compilation.compiler_options())
+
+
+def _packed_program(objective, optimizer, num_items: int,
+                    plan: packing.PackedPlan, mesh=None, runs: bool = False):
+  """`epoch_program` for a packed plan: one train step, one shape.
+
+  Each step takes `plan.rows_per_batch` rows of T tokens (`packing`), so
+  there is no `lax.switch` and no branch per length. Loss scale: the
+  objective's mean over the batch's real positions is scaled by (real
+  positions of the batch) / (real positions per step on average), so that
+  every position weighs the same in every batch, as in `epoch_program`.
+  `order_key` is not used: nothing has to agree across stacked runs, so each
+  run orders its rows with its own key.
+  """
+  sharding.check_divisible(plan.rows_per_batch, mesh, "train.pack_rows")
+  norm = plan.tokens_per_step
+
+  def loss_fn(params, batch, rng, hparams):
+    loss, terms = (objective(params, batch, rng, hparams) if hparams
+                   else objective(params, batch, rng))
+    return loss * (jnp.sum(batch["weights"]) / norm), terms
+
+  def epoch(state, data, pert, hparams, order, key, order_key):
+    del order_key
+    perm_key, step_key = jax.random.split(key)
+    rows, slot_user = packing.epoch_order(plan, perm_key, order)
+    keys = jax.random.split(step_key, plan.num_steps)
+
+    def step(state, xs):
+      r, k = xs
+      r = sharding.shard_rows(r, mesh)
+      neg_key, obj_key = jax.random.split(k)
+      t = packing.batch_rows(order, r, slot_user,
+                             {"inputs": data["train_inputs"],
+                              "targets": data["train_targets"],
+                              "pert": pert})
+      batch = {
+          "inputs": t["inputs"], "targets": t["targets"],
+          "negatives": sampling.sample_negatives_at(
+              neg_key, data["history"], t["users"], num_items),
+          "weights": (t["targets"] > 0).astype(jnp.float32),
+          "pert": t["pert"], "segments": t["segments"],
+          "positions": t["positions"],
+      }
+      grads, terms = jax.grad(loss_fn, has_aux=True)(
+          state.params, batch, obj_key, hparams)
+      updates, opt_state = optimizer.update(grads, state.opt_state,
+                                            state.params)
+      params = optax.apply_updates(state.params, updates)
+      return TrainState(state.step + 1, params, opt_state), terms
+
+    return jax.lax.scan(step, state, (rows, keys))
 
   if runs:
     epoch = jax.vmap(epoch, in_axes=(0, None, None, None, None, 0, None))

@@ -60,22 +60,31 @@ class SASRecModule(nn.Module):
   def items(self):
     return self.item_emb.embedding
 
-  def encode(self, S, mask, train: bool = False):
+  def encode(self, S, mask, train: bool = False, segments=None,
+             positions=None):
     det = not train
     T = S.shape[1]
     if T > self.max_len:
       raise ValueError(f"SASRec window of {T} > max_len {self.max_len}")
     m = mask[..., None].astype(self.dtype)
-    # Windows are right-aligned: the last item always has position
-    # max_len - 1, so a window cut to its last T items (a length bucket) gets
-    # the positions it has inside the full left-padded window.
-    positions = jnp.arange(self.max_len - T, self.max_len)
-    x = S * (self.hidden ** 0.5) + self.pos_emb(positions)[None]
+    if positions is None:
+      # Windows are right-aligned: the last item always has position
+      # max_len - 1, so a window cut to its last T items (a length bucket)
+      # gets the positions it has inside the full left-padded window.
+      pos = self.pos_emb(jnp.arange(self.max_len - T, self.max_len))[None]
+    else:  # packed rows: each token's position in its own window
+      pos = self.pos_emb(positions)
+    x = S * (self.hidden ** 0.5) + pos
     x = self.drop(x.astype(self.dtype), deterministic=det) * m
-    # Causal attention that also ignores padding keys (left padding).
-    attn_mask = nn.combine_masks(
-        nn.make_causal_mask(mask, dtype=jnp.bool_),
-        nn.make_attention_mask(jnp.ones_like(mask), mask, dtype=jnp.bool_))
+    # Causal attention that also ignores padding keys (left padding) and,
+    # in packed rows, the keys of other sequences.
+    masks = [nn.make_causal_mask(mask, dtype=jnp.bool_),
+             nn.make_attention_mask(jnp.ones_like(mask), mask,
+                                    dtype=jnp.bool_)]
+    if segments is not None:
+      masks.append(nn.make_attention_mask(segments, segments, jnp.equal,
+                                          dtype=jnp.bool_))
+    attn_mask = nn.combine_masks(*masks)
     for b in range(self.num_blocks):
       q = self.attn_ln[b](x)
       x = q + self.attn[b](q, x, mask=attn_mask, deterministic=det)
@@ -113,11 +122,15 @@ class GRU4RecModule(nn.Module):
   def items(self):
     return self.item_emb.embedding
 
-  def encode(self, S, mask, train: bool = False):
+  def encode(self, S, mask, train: bool = False, segments=None,
+             positions=None):
+    del positions  # a recurrence has no position embedding
     x = self.drop(S, deterministic=not train).astype(self.dtype)
 
     def step(cell, carry, inputs):
-      x_t, m_t = inputs
+      x_t, m_t = inputs[:2]
+      if len(inputs) == 3:  # packed rows: a new sequence starts afresh
+        carry = jnp.where(inputs[2][:, None], 0.0, carry).astype(carry.dtype)
       new, _ = cell(carry, x_t)
       new = jnp.where(m_t[:, None], new, carry)
       return new, new
@@ -125,7 +138,13 @@ class GRU4RecModule(nn.Module):
     scan = nn.scan(step, variable_broadcast="params",
                    split_rngs={"params": False}, in_axes=1, out_axes=1)
     carry = jnp.zeros((S.shape[0], self.hidden), self.dtype)
-    _, W = scan(self.cell, carry, (x, mask))
+    inputs = (x, mask)
+    if segments is not None:
+      starts = jnp.concatenate(
+          [jnp.ones_like(segments[:, :1], jnp.bool_),
+           segments[:, 1:] != segments[:, :-1]], axis=1)
+      inputs = (x, mask, starts)
+    _, W = scan(self.cell, carry, inputs)
     return (W * mask[..., None].astype(W.dtype)).astype(S.dtype)
 
   def __call__(self, item_ids, train: bool = False):
@@ -137,12 +156,19 @@ class Model(NamedTuple):
 
   init(rng, item_ids [B, T]) -> params
   embed(params, item_ids [B, T]) -> S [B, T, d]
-  encode(params, S [B, T, d], mask [B, T] bool, *, train, rng) -> W [B, T, d]
+  encode(params, S [B, T, d], mask [B, T] bool, *, train, rng,
+         segments=None, positions=None) -> W [B, T, d]
   items(params) -> E [N+1, d]  (row 0 = padding)
 
   Windows are left-padded and right-aligned: any T <= max_len works, and a
   window's last T' columns give the same outputs at its real positions as
   the whole window (dropout aside), which is what length buckets use.
+
+  Packed rows (`packing`) hold several sequences: `segments` [B, T] int
+  gives each token the id of its sequence (attention stays within one; the
+  GRU restarts at each new id) and `positions` [B, T] int each token's
+  column in its own right-aligned window; every sequence then gives what
+  its own window gives (dropout aside).
   """
   init: Callable[..., Any]
   embed: Callable[..., jax.Array]
@@ -184,12 +210,16 @@ def model_functions(module: nn.Module) -> Model:
   def embed(params, item_ids):
     return module.apply({"params": params}, item_ids, method="embed")
 
-  def encode(params, S, mask, *, train=False, rng=None):
+  def encode(params, S, mask, *, train=False, rng=None, segments=None,
+             positions=None):
     if train and rng is None:
       raise ValueError("encode(train=True) needs a dropout rng")
     rngs = {"dropout": rng} if train else {}
-    return module.apply({"params": params}, S, mask, train, method="encode",
-                        rngs=rngs)
+    if segments is None and positions is None:
+      return module.apply({"params": params}, S, mask, train,
+                          method="encode", rngs=rngs)
+    return module.apply({"params": params}, S, mask, train, segments,
+                        positions, method="encode", rngs=rngs)
 
   def items(params):
     return module.apply({"params": params}, method="items")

@@ -62,3 +62,48 @@ def sample_negatives(rng: jax.Array, history: jax.Array, shape: tuple,
   _, neg, _ = jax.lax.while_loop(cond, body,
                                  (key, neg, in_history(history, neg)))
   return neg
+
+
+def in_history_at(history: jax.Array, rows: jax.Array,
+                  items: jax.Array) -> jax.Array:
+  """Whether items[i] is in history[rows[i]] (any shape, elementwise).
+
+  A binary search that gathers one history entry per item and step, so the
+  [*, H] histories of the rows are never materialized (packed batches have
+  one user per token).
+
+  Args:
+    history: [U, H] sorted histories (see `in_history`).
+    rows: int array, the history row of each item.
+    items: int array shaped like `rows`.
+  """
+  H = history.shape[1]
+  lo = jnp.zeros(items.shape, jnp.int32)
+  hi = jnp.full(items.shape, H, jnp.int32)
+  for _ in range(H.bit_length()):  # enough halvings of [0, H]
+    mid = (lo + hi) // 2
+    right = (lo < hi) & (history[rows, jnp.minimum(mid, H - 1)] < items)
+    lo = jnp.where(right, mid + 1, lo)
+    hi = jnp.where(right | (lo >= hi), hi, mid)
+  return history[rows, jnp.minimum(lo, H - 1)] == items
+
+
+def sample_negatives_at(rng: jax.Array, history: jax.Array, rows: jax.Array,
+                        num_items: int) -> jax.Array:
+  """As `sample_negatives`, one draw per entry of `rows` (any shape), each
+  outside the history row it names."""
+  def draw(key):
+    return jax.random.randint(key, rows.shape, 1, num_items + 1,
+                              dtype=jnp.int32)
+
+  def body(carry):
+    key, neg, bad = carry
+    key, sub = jax.random.split(key)
+    neg = jnp.where(bad, draw(sub), neg)
+    return key, neg, in_history_at(history, rows, neg)
+
+  key, sub = jax.random.split(rng)
+  neg = draw(sub)
+  _, neg, _ = jax.lax.while_loop(lambda c: jnp.any(c[2]), body,
+                                 (key, neg, in_history_at(history, rows, neg)))
+  return neg

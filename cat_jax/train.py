@@ -28,7 +28,8 @@ from absl import logging
 
 from cat_jax import adversarial, batching, cascade, checkpoints, compilation
 from cat_jax import data as data_lib
-from cat_jax import evaluate, models, poisoning, programs as programs_lib
+from cat_jax import evaluate, models, packing, poisoning
+from cat_jax import programs as programs_lib
 from cat_jax import sharding
 from cat_jax import workdir_lock
 from cat_jax.epoch import (  # noqa: F401 (also importable from here)
@@ -81,6 +82,7 @@ def adv_config(config) -> adversarial.AdvConfig:
 
 
 MATMUL_PRECISIONS = ("default", "float32", "tensorfloat32", "bfloat16")
+LAYOUTS = ("buckets", "packed")
 ADV_INITS = ("last", "best")
 
 
@@ -116,6 +118,12 @@ def validate_config(config):
     if config.train[name] < 0:
       raise ValueError(f"train.{name} must be >= 0, got "
                        f"{config.train[name]}.")
+  if config.train.layout not in LAYOUTS:
+    raise ValueError(f"Unknown train.layout {config.train.layout!r}; choose "
+                     f"one of {LAYOUTS}.")
+  if config.train.pack_rows < 0:
+    raise ValueError("train.pack_rows must be >= 0 (0 = auto), got "
+                     f"{config.train.pack_rows}.")
   for section in ("train", "eval"):
     if config[section].buckets < 1:
       raise ValueError(f"{section}.buckets must be >= 1 (1 = off), got "
@@ -217,20 +225,27 @@ def train_runs(config: ml_collections.ConfigDict, workdirs, seeds,
     return _train_runs(config, workdirs, seeds, pretrain_dirs, retrain, lock)
 
 
-def make_plans(config, ds: data_lib.Dataset, data: dict):
-  """(training plan, evaluation plan or None) of the length buckets.
+def make_plans(config, ds: data_lib.Dataset, data: dict, mesh_size: int = 1):
+  """(training plan, evaluation plan or None).
 
-  `train.buckets` / `train.bucket_lengths` bucket the training windows and
-  `eval.buckets` the evaluation windows (1 = off: every window at T).
+  `train.layout` 'buckets': `train.buckets` / `train.bucket_lengths` bucket
+  the training windows (`batching.TrainPlan`); 'packed': rows of several
+  users (`packing.PackedPlan`, `train.pack_rows` rows a step, a multiple of
+  `mesh_size` when automatic). `eval.buckets` buckets the evaluation
+  windows (1 = off: every window at T).
   """
   T, B = config.data.max_len, config.train.batch_size
   users = data_lib.train_user_index(ds)
   if len(users) == 0:
     raise data_lib.DataError("No user has two training items to learn from.")
   lengths = batching.train_window_lengths(ds, users, T)
-  bounds = batching.bucket_lengths(lengths, T, config.train.buckets, B,
-                                   tuple(config.train.bucket_lengths))
-  plan = batching.train_plan(users, lengths, bounds, B)
+  if config.train.layout == "packed":
+    plan = packing.packed_plan(users, lengths, T, B, config.train.pack_rows,
+                               multiple_of=max(1, mesh_size))
+  else:
+    bounds = batching.bucket_lengths(lengths, T, config.train.buckets, B,
+                                     tuple(config.train.bucket_lengths))
+    plan = batching.train_plan(users, lengths, bounds, B)
   if config.eval.buckets <= 1:
     return plan, None
   elens = batching.test_window_lengths(ds, T,
@@ -314,7 +329,7 @@ def _train_runs(config, workdirs, seeds, pretrain_dirs, retrain,
   else:
     data = sharding.replicate(
         device_data(data_lib.build_arrays(ds, config.data.max_len)), mesh)
-  plan, eval_plan = make_plans(config, ds, data)
+  plan, eval_plan = make_plans(config, ds, data, mesh.size)
   # One writer per workdir: lock them (a run that took one meanwhile stops
   # this one here), then check them again, as it may have changed them.
   lock.acquire(workdirs)
