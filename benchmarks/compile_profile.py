@@ -5,7 +5,8 @@ and times `jit(...).trace`, `.lower()` and `.compile()`. Run it twice with
 the same `--cache` folder: the first run compiles (cold), the second loads
 the executables from the persistent cache (warm), which is what a second
 launch pays. `--buckets` overrides train.buckets (compile time grows about
-linearly with it: one branch of the `lax.switch` per bucket).
+linearly with it: one branch of the `lax.switch` per bucket); `--layout=packed`
+profiles the packed layout's one-branch program instead.
 
   CAT_DATA_DIR=... taskset -c 0 python benchmarks/compile_profile.py \
       --config=configs/sasrec_video.py --methods=none,cas --cache=/tmp/cc
@@ -36,9 +37,9 @@ from jax.experimental import serialize_executable  # noqa: E402
 from cat_jax import adversarial, compilation, models, poisoning  # noqa: E402
 from cat_jax import data as data_lib  # noqa: E402
 from cat_jax import sharding, train  # noqa: E402
-from cat_jax.batching import device_data, order_arrays  # noqa: E402
+from cat_jax.batching import device_data  # noqa: E402
 from cat_jax.epoch import init_state, make_optimizer  # noqa: E402
-from cat_jax.epoch import make_train_epoch  # noqa: E402
+from cat_jax.epoch import make_train_epoch, plan_arrays  # noqa: E402
 from cat_jax.phase import order_key  # noqa: E402
 
 
@@ -47,6 +48,8 @@ def main():
   ap.add_argument("--config", default="configs/sasrec_video.py")
   ap.add_argument("--methods", default="none,cas")
   ap.add_argument("--buckets", type=int, default=0, help="0: the config's")
+  ap.add_argument("--layout", default="",
+                  help="train.layout: buckets or packed ('': the config's)")
   ap.add_argument("--cache", default="off", help="folder, or off")
   ap.add_argument("--store", default="",
                   help="folder of serialized executables: written after a "
@@ -60,6 +63,8 @@ def main():
   config = module.get_config()
   if a.buckets:
     config.train.buckets = a.buckets
+  if a.layout:
+    config.train.layout = a.layout
   ds = poisoning.load_from_config(config.data)
   mesh = sharding.make_mesh(config.parallel.devices)
   data = sharding.replicate(
@@ -70,7 +75,7 @@ def main():
   optimizer = make_optimizer(config.train)
   state = init_state(model, optimizer, jax.random.PRNGKey(0), T)
   pert = (data["train_inputs"] > 0).astype(jnp.float32)
-  print(f"{a.config}: buckets {list(plan.lengths)}, cache {a.cache}")
+  print(f"{a.config}: {plan.describe()}, cache {a.cache}")
   for method in a.methods.split(","):
     cfg = adversarial.method_config(method)
     epoch, _ = make_train_epoch(adversarial.make_objective(model, cfg),
@@ -78,7 +83,7 @@ def main():
                                 hparams=cfg.hyperparams())
     hp = {k: jnp.asarray(v, jnp.float32)
           for k, v in cfg.hyperparams().items()}
-    args = (state, data, pert, hp, order_arrays(plan),
+    args = (state, data, pert, hp, plan_arrays(plan),
             jax.random.PRNGKey(1), order_key(config, 1))
     stored = os.path.join(a.store, f"{method}.pkl") if a.store else ""
     if stored and os.path.exists(stored):

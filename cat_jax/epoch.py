@@ -91,8 +91,7 @@ def make_train_epoch(objective, optimizer, num_items: int,
   """
   if program is None:
     program = epoch_program(objective, optimizer, num_items, plan, mesh, runs)
-  order = (packing.order_arrays(plan) if isinstance(plan, packing.PackedPlan)
-           else batching.order_arrays(plan))
+  order = plan_arrays(plan)
   if mesh is not None:
     order = sharding.replicate(order, mesh)
   hp = {k: jnp.asarray(v, jnp.float32) for k, v in (hparams or {}).items()}
@@ -106,6 +105,14 @@ def make_train_epoch(objective, optimizer, num_items: int,
   epoch.ahead = lambda state, data, pert, key, order_key: Ahead(
       program, state, data, pert, hp, order, key, order_key)
   return epoch, plan.num_steps
+
+
+def plan_arrays(plan) -> dict:
+  """The `order` input of an epoch program: a plan's arrays on the device
+  (`batching.order_arrays` or `packing.order_arrays`)."""
+  if isinstance(plan, packing.PackedPlan):
+    return packing.order_arrays(plan)
+  return batching.order_arrays(plan)
 
 
 def epoch_program(objective, optimizer, num_items: int,

@@ -129,7 +129,7 @@ def auto_rows_per_batch(batch_size: int, mean_length: float,
 
 
 def packed_plan(users, lengths, length: int, batch_size: int,
-                rows_per_batch: int = 0, multiple_of: int = 1) -> PackedPlan:
+                rows_per_batch: int = 0) -> PackedPlan:
   """Packs the training windows into rows (see the module docstring).
 
   Args:
@@ -137,9 +137,8 @@ def packed_plan(users, lengths, length: int, batch_size: int,
     lengths: [n] real items of each user's training input window (1..T).
     length: T.
     batch_size: users per batch of the unpacked layout (`train.batch_size`).
-    rows_per_batch: rows per step; 0 = `auto_rows_per_batch`.
-    multiple_of: round an automatic rows_per_batch up to a multiple of this
-      (the device count, so that each step's rows split evenly).
+    rows_per_batch: rows per step; 0 = `auto_rows_per_batch` (never
+      rounded to the device count, so that results do not depend on it).
   """
   users = np.asarray(users, np.int32)
   lengths = np.asarray(lengths, np.int64)
@@ -154,7 +153,6 @@ def packed_plan(users, lengths, length: int, batch_size: int,
   mean_length = float(np.mean(lengths))
   if rows_per_batch == 0:
     rows_per_batch = auto_rows_per_batch(batch_size, mean_length, length)
-    rows_per_batch = -(-rows_per_batch // multiple_of) * multiple_of
   used = int(row.max()) + 1
   steps = -(-used // rows_per_batch)
   R = steps * rows_per_batch

@@ -230,9 +230,9 @@ def make_plans(config, ds: data_lib.Dataset, data: dict, mesh_size: int = 1):
 
   `train.layout` 'buckets': `train.buckets` / `train.bucket_lengths` bucket
   the training windows (`batching.TrainPlan`); 'packed': rows of several
-  users (`packing.PackedPlan`, `train.pack_rows` rows a step, a multiple of
-  `mesh_size` when automatic). `eval.buckets` buckets the evaluation
-  windows (1 = off: every window at T).
+  users (`packing.PackedPlan`, `train.pack_rows` rows a step, which must
+  split evenly over `mesh_size` devices). `eval.buckets` buckets the
+  evaluation windows (1 = off: every window at T).
   """
   T, B = config.data.max_len, config.train.batch_size
   users = data_lib.train_user_index(ds)
@@ -240,8 +240,14 @@ def make_plans(config, ds: data_lib.Dataset, data: dict, mesh_size: int = 1):
     raise data_lib.DataError("No user has two training items to learn from.")
   lengths = batching.train_window_lengths(ds, users, T)
   if config.train.layout == "packed":
-    plan = packing.packed_plan(users, lengths, T, B, config.train.pack_rows,
-                               multiple_of=max(1, mesh_size))
+    plan = packing.packed_plan(users, lengths, T, B, config.train.pack_rows)
+    if plan.rows_per_batch % mesh_size:
+      raise ValueError(
+          f"train.layout=packed splits each step's {plan.rows_per_batch} rows "
+          f"over {mesh_size} devices: set train.pack_rows to a multiple of "
+          f"{mesh_size}" + (" (0 chose that number: rows holding "
+                            "train.batch_size users)."
+                            if config.train.pack_rows == 0 else "."))
   else:
     bounds = batching.bucket_lengths(lengths, T, config.train.buckets, B,
                                      tuple(config.train.bucket_lengths))

@@ -33,25 +33,13 @@ def test_every_measurement_on_a_tiny_shape(bench):
   assert protocol["epochs"] == [1, 1] and 0 < protocol["test_ndcg@10"] <= 1
 
 
-def test_packing_proxy_holds_the_items_of_the_bucketed_plan(make_config):
+def test_layout_ab_times_both_layouts(make_config):
   spec = importlib.util.spec_from_file_location(
-      "packing_proxy", os.path.join(ROOT, "benchmarks", "packing_proxy.py"))
-  proxy = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(proxy)
+      "layout_ab", os.path.join(ROOT, "benchmarks", "layout_ab.py"))
+  ab = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ab)
   config = make_config(**{"model.name": "gru4rec", "train.buckets": 3})
-  got = list(proxy.measure(config, ("none",), epochs=1))
-  assert [(g[0], g[1]) for g in got] == [("bucketed", "none"),
+  got = list(ab.measure(config, ("none",), epochs=1))
+  assert [(g[0], g[1]) for g in got] == [("buckets", "none"),
                                          ("packed", "none")]
   assert all(g[2] > 0 and len(g[3]) == 1 and g[3][0] > 0 for g in got)
-  from cat_jax import batching, train
-  from cat_jax import data as data_lib
-  ds = data_lib.load_from_config(config.data)
-  plan, _ = train.make_plans(config, ds, batching.device_data(
-      data_lib.build_arrays(ds, 12)))
-  rows, batch = proxy.proxy_shape(plan, 12)
-  items = plan.mean_length * len(plan.users)
-  assert (rows - 1) * 12 < items <= rows * 12  # the plan's items, no more
-  assert -(-rows // batch) <= plan.num_steps  # no more steps than the plan
-  arrays = data_lib.build_arrays(proxy.packed_rows(ds, 12, rows), 12)
-  assert len(arrays.train_users) == rows
-  assert (arrays.train_inputs[arrays.train_users] > 0).all()  # full rows

@@ -79,6 +79,24 @@ def test_epoch_order_visits_every_user_once_with_their_windows():
   assert pairs[0] != pairs[1]  # who shares a row changes between epochs
 
 
+def test_rows_that_do_not_split_over_the_devices_are_a_clear_error(
+    make_config):
+  from cat_jax import batching, data
+  config = make_config(**{"train.layout": "packed"})
+  ds = data.load_from_config(config.data)
+  dd = batching.device_data(data.build_arrays(ds, 12))
+  mean = train.make_plans(config, ds, dd)[0].mean_length
+  # A batch size whose automatic row count is odd.
+  odd = next(b for b in range(16, 200)
+             if packing.auto_rows_per_batch(b, mean, 12) % 2)
+  for rows, match in ((3, r"multiple of 2\.$"), (0, "0 chose that number")):
+    config.train.pack_rows, config.train.batch_size = rows, odd
+    with pytest.raises(ValueError, match=match):
+      train.make_plans(config, ds, dd, mesh_size=2)
+  config.train.pack_rows = 4
+  assert train.make_plans(config, ds, dd, mesh_size=2)[0].rows_per_batch == 4
+
+
 def _model(name, N, T):
   cfg = ml_collections.ConfigDict(dict(name=name, hidden=16, num_blocks=2,
                                        num_heads=2, dropout=0.2,
@@ -243,3 +261,18 @@ def test_packed_training_learns_with_one_branch(make_config, tmp_path):
       state, dd, pert, {}, packing.order_arrays(plan),
       jax.random.PRNGKey(1), jax.random.PRNGKey(2)).jaxpr)
   assert "scan[" in text and " cond[" not in text
+
+
+def test_packed_vectorized_runs_on_a_two_device_mesh(make_config, tmp_path):
+  """Seeds stacked with vmap (each orders its rows with its own key) and
+  the rows of a step split over 2 devices: the same result as one device."""
+  results = {}
+  for n in (1, 2):
+    config = make_config(**{"parallel.devices": n, "train.epochs": 2,
+                            "train.eval_every": 2, "model.name": "gru4rec",
+                            "train.layout": "packed", "train.pack_rows": 4})
+    runs = train.train_runs(config, [str(tmp_path / f"{n}_{s}")
+                                     for s in (0, 1)], [0, 1])
+    results[n] = [r["pretrain"]["valid/ndcg@10"] for r in runs]
+  np.testing.assert_allclose(results[1], results[2], atol=2e-3)
+  assert results[1][0] != results[1][1]

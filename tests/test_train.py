@@ -96,6 +96,8 @@ def test_nan_loss_stops_with_step_and_terms_named(make_config, tmp_path):
     ("train.matmul_precision", "fast", "Unknown train.matmul_precision"),
     ("adv.eval_every", -1, "adv.eval_every must be >= 0"),
     ("eval.shard_items", True, "eval.shard_items needs eval.item_chunk"),
+    ("train.layout", "rows", "Unknown train.layout"),
+    ("train.pack_rows", -1, "train.pack_rows must be >= 0"),
 ])
 def test_bad_config_fails_before_training(make_config, tmp_path, key, value,
                                           match):
