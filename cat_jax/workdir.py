@@ -269,6 +269,9 @@ def phase_signature(config, phase: str) -> dict:
     d["data"].pop("poison", None)
   if d["adv"].get("magnitude", "uniform") == "uniform":
     d["adv"].pop("magnitude", None)
+  if d["train"].get("layout", "buckets") == "buckets":
+    d["train"].pop("layout", None)
+    d["train"].pop("pack_rows", None)  # read by the packed layout only
   pre = {"seed": d["seed"], "data": d["data"], "model": d["model"],
          "train": {k: v for k, v in d["train"].items()
                    if k not in _FREE_TRAIN},

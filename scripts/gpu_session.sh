@@ -31,11 +31,12 @@
 #        # chosen on validation, Table 2 + ablation (seeds vectorized), Fig.
 #        # 5/6 of none/global/cas for each seed and their 3-seed report
 #   bash scripts/gpu_session.sh bf16        # ~5 min: bf16 vs fp32 NDCG@10
-#   bash scripts/gpu_session.sh compile     # ~6 min (issue 33): the short
+#   bash scripts/gpu_session.sh compile     # ~8 min (issue 33): the short
 #        # Video SASRec run (2 + 1 cas epochs, validation every epoch) from
-#        # an empty compilation cache and again warm, then one whole 500 +
-#        # 100 cas run (paper defaults, warm cache); seconds to the first
-#        # epoch and in all in $OUT/compile.txt
+#        # an empty compilation cache and again warm, the same with
+#        # train.layout=packed, then one whole 500 + 100 cas run (paper
+#        # defaults, warm cache); seconds to the first epoch and in all in
+#        # $OUT/compile.txt
 # table2/setting/bf16 stop their training at BUDGET_S seconds (default 480)
 # so that the archive is always written; give the device call a timeout_s
 # about 60 s longer. Measured on an H200 (benchmarks/RESULTS.md): Video
@@ -126,7 +127,7 @@ case $mode in
       local name=$1; shift
       local t0; t0=$(date +%s.%N)
       timeout "$budget" python3 launch.py --config=configs/sasrec_video.py \
-          --config.compilation_cache=$cache --workdir=$work/$name "$@" \
+          --config.compilation_cache=${CACHE:-$cache} --workdir=$work/$name "$@" \
           > "$OUT/$name.log" 2>&1
       echo "$name rc=$? wall_s=$(echo "$(date +%s.%N) - $t0" | bc)" \
           "first_epoch_line=$(grep -m1 -o 'epoch 1/[0-9]*.*' "$OUT/$name.log" | head -c 120)" \
@@ -136,6 +137,10 @@ case $mode in
            --config.adv.epochs=1 --config.adv.eval_every=1)
     timed short_cold "${short[@]}"
     timed short_warm "${short[@]}"
+    # The packed layout (one training shape), from its own empty cache.
+    rm -rf "$cache.packed"
+    CACHE=$cache.packed timed short_cold_packed "${short[@]}" --config.train.layout=packed
+    CACHE=$cache.packed timed short_warm_packed "${short[@]}" --config.train.layout=packed
     timed full_500_100 --config.adv.method=cas
     keep
     ;;

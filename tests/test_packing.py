@@ -276,3 +276,14 @@ def test_packed_vectorized_runs_on_a_two_device_mesh(make_config, tmp_path):
     results[n] = [r["pretrain"]["valid/ndcg@10"] for r in runs]
   np.testing.assert_allclose(results[1], results[2], atol=2e-3)
   assert results[1][0] != results[1][1]
+
+
+def test_layout_is_in_the_signature_only_when_packed(make_config):
+  """Workdirs written before train.layout keep their signature (buckets is
+  the old behaviour); a packed run does not resume a bucketed one."""
+  from cat_jax import workdir
+  old = workdir.phase_signature(make_config(), workdir.PRETRAIN)
+  assert "layout" not in old["train"] and "pack_rows" not in old["train"]
+  packed = workdir.phase_signature(make_config(**{"train.layout": "packed"}),
+                                   workdir.PRETRAIN)
+  assert packed["train"]["layout"] == "packed" and packed != old
