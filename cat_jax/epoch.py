@@ -2,8 +2,9 @@
 
 `TrainState` is what changes during training (a pytree, donated to the
 epoch); `make_train_epoch` builds an epoch from an objective
-(`adversarial.make_objective`), an optimizer and a length-bucket plan
-(`batching.TrainPlan`). What is compiled (`epoch_program`) depends only on
+(`adversarial.make_objective`), an optimizer and a plan: length buckets
+(`batching.TrainPlan`) or packed rows (`packing.PackedPlan`, one shape).
+What is compiled (`epoch_program`) depends only on
 shapes and the method's structure, so one program serves every eps and
 level-1 weight table (`compilation`).
 """
@@ -119,9 +120,9 @@ def epoch_program(objective, optimizer, num_items: int,
                   plan: batching.TrainPlan, mesh=None, runs: bool = False):
   """The jitted `epoch(state, data, pert, hparams, order, key, order_key)`.
 
-  Depends on the plan only through its shape (`batching.TrainPlan.shape`:
-  bucket lengths, users, steps, batch size, mean length); `order` holds its
-  arrays (`batching.order_arrays`). See `make_train_epoch`.
+  Depends on the plan only through its shape (bucket lengths, users, steps,
+  batch size, mean length); `order` holds its arrays (`plan_arrays`). See
+  `make_train_epoch`. A `packing.PackedPlan` gets `_packed_program`.
 
   Loss scale: the objective is a mean over the batch's real positions (the
   SASRec convention). Bucketed batches hold users of similar length, so
