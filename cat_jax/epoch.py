@@ -108,6 +108,16 @@ def make_train_epoch(objective, optimizer, num_items: int,
   return epoch, plan.num_steps
 
 
+def train_step(state: TrainState, loss_fn, optimizer, batch, rng, hparams):
+  """One optimizer step on `loss_fn(params, batch, rng, hparams) -> (loss,
+  terms)`: (the next TrainState, terms)."""
+  grads, terms = jax.grad(loss_fn, has_aux=True)(state.params, batch, rng,
+                                                 hparams)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return TrainState(state.step + 1, params, opt_state), terms
+
+
 def plan_arrays(plan) -> dict:
   """The `order` input of an epoch program: a plan's arrays on the device
   (`batching.order_arrays` or `packing.order_arrays`)."""
@@ -170,12 +180,7 @@ def epoch_program(objective, optimizer, num_items: int,
                 jnp.float32),
             "pert": pert[u][:, cols],
         }
-        grads, terms = jax.grad(loss_fn, has_aux=True)(
-            state.params, batch, obj_key, hparams)
-        updates, opt_state = optimizer.update(grads, state.opt_state,
-                                              state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, opt_state), terms
+        return train_step(state, loss_fn, optimizer, batch, obj_key, hparams)
       return step
 
     branches = [at_length(t) for t in lengths]
@@ -237,12 +242,7 @@ def _packed_program(objective, optimizer, num_items: int,
           "pert": t["pert"], "segments": t["segments"],
           "positions": t["positions"],
       }
-      grads, terms = jax.grad(loss_fn, has_aux=True)(
-          state.params, batch, obj_key, hparams)
-      updates, opt_state = optimizer.update(grads, state.opt_state,
-                                            state.params)
-      params = optax.apply_updates(state.params, updates)
-      return TrainState(state.step + 1, params, opt_state), terms
+      return train_step(state, loss_fn, optimizer, batch, obj_key, hparams)
 
     return jax.lax.scan(step, state, (rows, keys))
 

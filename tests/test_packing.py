@@ -266,21 +266,6 @@ def test_packed_training_learns_with_one_branch(make_config, tmp_path):
   assert "scan[" in text and " cond[" not in text
 
 
-def test_packed_vectorized_runs_on_a_two_device_mesh(make_config, tmp_path):
-  """Seeds stacked with vmap (each orders its rows with its own key) and
-  the rows of a step split over 2 devices: the same result as one device."""
-  results = {}
-  for n in (1, 2):
-    config = make_config(**{"parallel.devices": n, "train.epochs": 2,
-                            "train.eval_every": 2, "model.name": "gru4rec",
-                            "train.layout": "packed", "train.pack_rows": 4})
-    runs = train.train_runs(config, [str(tmp_path / f"{n}_{s}")
-                                     for s in (0, 1)], [0, 1])
-    results[n] = [r["pretrain"]["valid/ndcg@10"] for r in runs]
-  np.testing.assert_allclose(results[1], results[2], atol=2e-3)
-  assert results[1][0] != results[1][1]
-
-
 def test_layout_is_in_the_signature_only_when_packed(make_config):
   """Workdirs written before train.layout keep their signature (buckets is
   the old behaviour); a packed run does not resume a bucketed one."""

@@ -111,13 +111,19 @@ def test_clear_errors():
     sharding.check_divisible(100, sharding.make_mesh(8), "eval.batch_size")
 
 
-def test_vectorized_runs_on_a_data_parallel_mesh(make_config, tmp_path):
-  """Seeds stacked with vmap and batches split over 2 devices: same result."""
+@pytest.mark.parametrize("layout", [
+    {}, {"train.layout": "packed", "train.pack_rows": 4}])
+def test_vectorized_runs_on_a_data_parallel_mesh(make_config, tmp_path,
+                                                 layout):
+  """Seeds stacked with vmap and batches split over 2 devices: same result.
+  Packed (`packing`): each run orders its rows with its own key, and the
+  rows of a step are split."""
   results = {}
   for n in (1, 2):
     # GRU4Rec: on one device, the programs of tests/test_multirun.py's runs.
     config = make_config(**{"parallel.devices": n, "train.epochs": 2,
-                            "train.eval_every": 2, "model.name": "gru4rec"})
+                            "train.eval_every": 2, "model.name": "gru4rec",
+                            **layout})
     runs = train.train_runs(config, [str(tmp_path / f"{n}_{s}")
                                      for s in (0, 1)], [0, 1])
     results[n] = [r["pretrain"]["valid/ndcg@10"] for r in runs]
