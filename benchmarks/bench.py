@@ -24,7 +24,8 @@ unbucketed (1) and with 4 length buckets chosen from the data (names end
 in `_b4`). The shapes `video_file` and `beauty_file` use the real Amazon
 files (Video.txt, Beauty.txt from $CAT_DATA_DIR or ../shared/data), so
 bucketing sees the real length distribution; without the file they print
-a `skipped` line.
+a `skipped` line. `--packed` adds the training epochs with packed rows
+(`train.layout=packed`, names end in `_packed`).
 
 Each measurement runs once to compile (not timed), then `--repeats` times;
 the median is reported. Data are synthetic with the named shape (users,
@@ -46,7 +47,7 @@ import numpy as np
 
 from cat_jax import adversarial, batching, cascade, compilation, config_lib
 from cat_jax import data, evaluate
-from cat_jax import models
+from cat_jax import models, packing
 from cat_jax import recommend, train
 
 # name: (users, items, mean sequence length, T)
@@ -137,7 +138,7 @@ def load_shape(name: str):
 def bench_shape(name: str, what, repeats: int, model_name: str,
                 item_chunk: int = 0, runs: int = 3,
                 protocol_epochs=(500, 100), buckets=(1,),
-                topk_users: int = 0):
+                topk_users: int = 0, packed: bool = False):
   loaded = load_shape(name)
   if loaded is None:
     yield {"name": "skipped", "shape": name,
@@ -171,13 +172,19 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
 
   suffix = lambda b: "" if b <= 1 else f"_b{b}"
   plan = plan_for(1)
+  # Training layouts to time: each bucket count, and packed rows.
+  layouts = [(suffix(b), plan_for(b)) for b in buckets]
+  if packed:
+    tusers = data.train_user_index(ds)
+    layouts.append(("_packed", packing.packed_plan(
+        tusers, batching.train_window_lengths(ds, tusers, T), T,
+        cfg.train.batch_size)))
   for w in what:
     if w in ("epoch_base", "epoch_cas"):
       method = "none" if w == "epoch_base" else "cas"
       pert = cascade.weights_for_method(dd["train_inputs"],
                                         cfg.train.batch_size, method)
-      for b in buckets:
-        bplan = plan_for(b)
+      for sfx, bplan in layouts:
         state = train.init_state(model, opt, jax.random.PRNGKey(0), T)
         epoch, steps = train.make_train_epoch(
             adversarial.make_objective(model,
@@ -194,7 +201,7 @@ def bench_shape(name: str, what, repeats: int, model_name: str,
         t0 = time.perf_counter()
         sec, times = timed(run, repeats)
         first = time.perf_counter() - t0 - sum(times)
-        yield {"name": f"{w}_{model_name}{suffix(b)}", **base, "seconds": sec,
+        yield {"name": f"{w}_{model_name}{sfx}", **base, "seconds": sec,
                "steps_per_s": steps / sec, "runs": times,
                "compile_and_first_s": first,
                "buckets": list(bplan.lengths), "peak_bytes": peak_memory()}
@@ -294,6 +301,9 @@ def main():
   ap.add_argument("--buckets", default="1",
                   help="comma-separated bucket counts for epochs and eval "
                        "(1 = unbucketed)")
+  ap.add_argument("--packed", action="store_true",
+                  help="also time epoch_base/epoch_cas with packed rows "
+                       "(train.layout=packed; names end in _packed)")
   ap.add_argument("--protocol_epochs", default="500,100",
                   help="phase-1,phase-2 epochs of the protocol measurement")
   a = ap.parse_args()
@@ -321,7 +331,7 @@ def main():
       todo = [w for w in what if w not in MODEL_FREE or i == 0]
       for record in bench_shape(shape, todo, a.repeats, m, a.item_chunk,
                                 a.runs, protocol, buckets,
-                                a.topk_users):
+                                a.topk_users, a.packed):
         print(json.dumps(record), flush=True)
 
 

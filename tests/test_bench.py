@@ -22,13 +22,14 @@ def test_every_measurement_on_a_tiny_shape(bench):
   what = ["epoch_base", "epoch_runs", "eval", "cascade", "protocol"]
   records = list(bench.bench_shape("tiny", what, repeats=1,
                                    model_name="gru4rec", runs=2,
-                                   protocol_epochs=(1, 1)))
+                                   protocol_epochs=(1, 1), packed=True))
   names = [r["name"] for r in records]
-  assert names == ["epoch_base_gru4rec", "epoch_base_x2_gru4rec",
+  assert names == ["epoch_base_gru4rec", "epoch_base_gru4rec_packed",
+                   "epoch_base_x2_gru4rec",
                    "eval_gru4rec", "cascade_scores", "protocol_gru4rec"]
   for r in records:
     assert r["seconds"] > 0 and r["shape"] == "tiny"
-  assert records[1]["seconds_per_run"] == records[1]["seconds"] / 2
+  assert records[2]["seconds_per_run"] == records[2]["seconds"] / 2
   protocol = records[-1]
   assert protocol["epochs"] == [1, 1] and 0 < protocol["test_ndcg@10"] <= 1
 
