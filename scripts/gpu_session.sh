@@ -94,7 +94,7 @@ case $mode in
     # which measured ML-1M and Video SASRec: each piece has its own limit, so
     # a slow one cannot take the others' time (~7 min in all).
     b="timeout 200 python3 benchmarks/bench.py"
-    { $b --shapes=video --buckets=4 --models=gru4rec \
+    { $b --shapes=video --buckets=4 --packed --models=gru4rec \
           --what=epoch_base,epoch_cas,epoch_runs,eval
       $b --shapes=ml1m --models=sasrec,gru4rec --what=protocol --repeats=1
       $b --shapes=video --models=sasrec --what=cascade_100m --repeats=3
