@@ -43,7 +43,7 @@
 # from checkpoints and reads finished runs back, so a stage can be run again
 # to complete or extend it. Pin it to a core with `taskset -c N`.
 # VECTORIZE=1 trains the seeds of a phase together (table; for a GPU, see
-# scripts/gpu_session.sh).
+# scripts/gpu_session.sh). LAYOUT=packed: packed rows instead of buckets.
 set -euo pipefail
 setting=${1:?setting}; stage=${2:?stage}; arg=${3:-}; arg2=${4:-}
 model=${setting%_*}
@@ -61,9 +61,10 @@ if [ "$model" = sasrec ]; then patience=10; else patience=0; fi
 # Length buckets, as every result in RESULTS.md was trained (the SASRec
 # configs default to packed rows since; pinned here so that these numbers
 # reproduce and the runs of a study resume into the same layout).
+# LAYOUT=packed trains packed rows instead (RESULTS.md, "Packed rows").
 base=(--config.train.epochs=500 --config.train.eval_every=5
       --config.train.patience=$patience --config.train.buckets=4
-      --config.train.layout=buckets
+      --config.train.layout=${LAYOUT:-buckets}
       --config.eval.buckets=4 --config.adv.init=best)
 if [ "$model" = sasrec ]; then grid=0.02,0.05,0.1,0.2; else grid=0.3,0.5,1,2; fi
 case $stage in
