@@ -262,11 +262,11 @@ def paper_config(model: str, dataset: str,
   c.eval.buckets = 1 if (model, dataset) == ("gru4rec", "ml1m") else 4
   # SASRec on the Amazon sets trains on packed rows (`packing`): one
   # training shape, so a run starts 2x sooner on a CPU core, and its epochs
-  # are ~35% shorter (benchmarks/RESULTS.md, "Compilation"); accuracy as
-  # with buckets over three seeds (RESULTS.md, "Packed rows"). GRU4Rec keeps
-  # buckets: a packed row is a 50-step recurrence for every batch, where
-  # most bucketed batches run 4 steps, so its epochs are not shorter. ML-1M
-  # (T = 200, ~165 items a user) fits one user per row: nothing to pack.
+  # are 20-37% shorter (benchmarks/RESULTS.md, "Compilation"); accuracy as
+  # with buckets over three seeds (RESULTS.md, "Packed rows"). GRU4Rec
+  # keeps buckets: packed, its epochs are only 4-16% shorter and its
+  # accuracy check is not conclusive (RESULTS.md). ML-1M (T = 200, ~165
+  # items a user) fits one user per row: nothing to pack.
   c.train.layout = ("packed" if model == "sasrec" and dataset != "ml1m"
                     else "buckets")
   # Phase 2 starts from phase 1's checkpoint selected on validation.
