@@ -264,9 +264,9 @@ def paper_config(model: str, dataset: str,
   # training shape, so a run starts 2x sooner on a CPU core, and its epochs
   # are 20-37% shorter (benchmarks/RESULTS.md, "Compilation"); accuracy as
   # with buckets over three seeds (RESULTS.md, "Packed rows"). GRU4Rec
-  # keeps buckets: packed, its epochs are only 4-16% shorter and its
-  # accuracy check is not conclusive (RESULTS.md). ML-1M (T = 200, ~165
-  # items a user) fits one user per row: nothing to pack.
+  # keeps buckets until a full-budget check: packed, its epochs are 4-16%
+  # shorter and 100 of its 500 epochs train as well (RESULTS.md). ML-1M
+  # (T = 200, ~165 items a user) fits one user per row: nothing to pack.
   c.train.layout = ("packed" if model == "sasrec" and dataset != "ml1m"
                     else "buckets")
   # Phase 2 starts from phase 1's checkpoint selected on validation.
