@@ -557,8 +557,8 @@ def make_objective(model, cfg: AdvConfig):
 
   batch: dict with 'inputs', 'targets', 'negatives' [B, T] int, 'weights' and
   'pert' [B, T] float; packed rows add 'segments' and 'positions' [B, T]
-  int (`packing.batch_rows`). `hparams` ({'eps', 'lambda1', 'lambda2', 'xi'}, scalars
-  that may be traced) replace those values of `cfg`: then only
+  int (`packing.batch_rows`). `hparams` ({'eps', 'lambda1', 'lambda2',
+  'xi'}, scalars that may be traced) replace those values of `cfg`: then only
   `cfg.structure()` is baked into a compiled step.
   """
   def objective(params, batch, rng, hparams=None):

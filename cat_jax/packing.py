@@ -220,7 +220,8 @@ def batch_rows(order: dict, rows: jax.Array, slot_user: jax.Array,
     dict with every name of `tables` ([Rb, T]), 'users' ([Rb, T] table row
     of each token, 0 where empty), 'real' ([Rb, T] bool), 'segments'
     ([Rb, T] int32 in 0..Rb*T: one id per sequence in the batch, unique
-    across rows; Rb*T for empty tokens), 'positions' ([Rb, T] int32, each token's column in its window).
+    across rows; Rb*T for empty tokens), 'positions' ([Rb, T] int32, each
+    token's column in its window).
   """
   slot = order["tok_slot"][rows]
   col = order["tok_col"][rows]
