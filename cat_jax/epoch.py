@@ -150,13 +150,7 @@ def epoch_program(objective, optimizer, num_items: int,
   norm = plan.batch_size * plan.mean_length if len(plan.lengths) > 1 else None
   num_steps, lengths = plan.num_steps, plan.lengths
 
-  def loss_fn(params, batch, rng, hparams):
-    # Objectives without runtime hyperparameters take three arguments.
-    loss, terms = (objective(params, batch, rng, hparams) if hparams
-                   else objective(params, batch, rng))
-    if norm is None:
-      return loss, terms
-    return loss * (jnp.sum(batch["weights"]) / norm), terms
+  loss_fn = _scaled_loss(objective, norm)
 
   def epoch(state, data, pert, hparams, order, key, order_key):
     perm_key, step_key = jax.random.split(key)
@@ -194,6 +188,25 @@ def epoch_program(objective, optimizer, num_items: int,
 
     return jax.lax.scan(step, state, (buckets, idx, real, keys))
 
+  return _compile(epoch, runs)
+
+
+def _scaled_loss(objective, norm: float | None):
+  """loss_fn(params, batch, rng, hparams) -> (loss, terms): the objective,
+  times (real positions of the batch) / `norm` unless `norm` is None."""
+  def loss_fn(params, batch, rng, hparams):
+    # Objectives without runtime hyperparameters take three arguments.
+    loss, terms = (objective(params, batch, rng, hparams) if hparams
+                   else objective(params, batch, rng))
+    if norm is None:
+      return loss, terms
+    return loss * (jnp.sum(batch["weights"]) / norm), terms
+  return loss_fn
+
+
+def _compile(epoch, runs: bool):
+  """The jitted epoch (state donated); with `runs`, vmapped over the state
+  and the run key."""
   if runs:
     epoch = jax.vmap(epoch, in_axes=(0, None, None, None, None, 0, None))
   return jax.jit(epoch, donate_argnums=0,
@@ -215,10 +228,7 @@ def _packed_program(objective, optimizer, num_items: int,
   sharding.check_divisible(plan.rows_per_batch, mesh, "train.pack_rows")
   norm = plan.tokens_per_step
 
-  def loss_fn(params, batch, rng, hparams):
-    loss, terms = (objective(params, batch, rng, hparams) if hparams
-                   else objective(params, batch, rng))
-    return loss * (jnp.sum(batch["weights"]) / norm), terms
+  loss_fn = _scaled_loss(objective, norm)
 
   def epoch(state, data, pert, hparams, order, key, order_key):
     del order_key
@@ -246,10 +256,7 @@ def _packed_program(objective, optimizer, num_items: int,
 
     return jax.lax.scan(step, state, (rows, keys))
 
-  if runs:
-    epoch = jax.vmap(epoch, in_axes=(0, None, None, None, None, 0, None))
-  return jax.jit(epoch, donate_argnums=0,
-                 compiler_options=compilation.compiler_options())
+  return _compile(epoch, runs)
 
 
 def _abstract(tree):

@@ -215,9 +215,6 @@ def model_functions(module: nn.Module) -> Model:
     if train and rng is None:
       raise ValueError("encode(train=True) needs a dropout rng")
     rngs = {"dropout": rng} if train else {}
-    if segments is None and positions is None:
-      return module.apply({"params": params}, S, mask, train,
-                          method="encode", rngs=rngs)
     return module.apply({"params": params}, S, mask, train, segments,
                         positions, method="encode", rngs=rngs)
 

@@ -89,7 +89,6 @@ class PackedPlan:
     tok_start: [R, T] column of the row where the token's sequence starts;
       0 for an empty token.
     rows_per_batch: rows per optimizer step.
-    batch_size: `train.batch_size`, the users an average batch holds.
     mean_length: mean real items per training window.
     tokens_per_step: real tokens (target positions) per step on average,
       the loss normalization (`epoch.epoch_program`).
@@ -101,7 +100,6 @@ class PackedPlan:
   tok_col: np.ndarray
   tok_start: np.ndarray
   rows_per_batch: int
-  batch_size: int
   mean_length: float
   tokens_per_step: float
 
@@ -173,8 +171,7 @@ def packed_plan(users, lengths, length: int, batch_size: int,
                     tok_slot=tok_slot.reshape(shape),
                     tok_col=tok_col.reshape(shape),
                     tok_start=tok_start.reshape(shape),
-                    rows_per_batch=int(rows_per_batch),
-                    batch_size=int(batch_size), mean_length=mean_length,
+                    rows_per_batch=int(rows_per_batch), mean_length=mean_length,
                     tokens_per_step=float(np.sum(lengths)) / steps)
 
 

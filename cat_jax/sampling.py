@@ -44,23 +44,27 @@ def sample_negatives(rng: jax.Array, history: jax.Array, shape: tuple,
   Returns:
     int32 array of `shape`, no entry in its row's history.
   """
+  return _rejection_sample(rng, shape, num_items,
+                           lambda neg: in_history(history, neg))
+
+
+def _rejection_sample(rng: jax.Array, shape: tuple, num_items: int,
+                      taken) -> jax.Array:
+  """Uniform items from 1..num_items of `shape`, each redrawn until
+  `taken(items)` (bool, shaped like `shape`) is False everywhere."""
   def draw(key):
     return jax.random.randint(key, shape, 1, num_items + 1, dtype=jnp.int32)
-
-  def cond(carry):
-    _, _, bad = carry
-    return jnp.any(bad)
 
   def body(carry):
     key, neg, bad = carry
     key, sub = jax.random.split(key)
     neg = jnp.where(bad, draw(sub), neg)
-    return key, neg, in_history(history, neg)
+    return key, neg, taken(neg)
 
   key, sub = jax.random.split(rng)
   neg = draw(sub)
-  _, neg, _ = jax.lax.while_loop(cond, body,
-                                 (key, neg, in_history(history, neg)))
+  _, neg, _ = jax.lax.while_loop(lambda c: jnp.any(c[2]), body,
+                                 (key, neg, taken(neg)))
   return neg
 
 
@@ -92,18 +96,5 @@ def sample_negatives_at(rng: jax.Array, history: jax.Array, rows: jax.Array,
                         num_items: int) -> jax.Array:
   """As `sample_negatives`, one draw per entry of `rows` (any shape), each
   outside the history row it names."""
-  def draw(key):
-    return jax.random.randint(key, rows.shape, 1, num_items + 1,
-                              dtype=jnp.int32)
-
-  def body(carry):
-    key, neg, bad = carry
-    key, sub = jax.random.split(key)
-    neg = jnp.where(bad, draw(sub), neg)
-    return key, neg, in_history_at(history, rows, neg)
-
-  key, sub = jax.random.split(rng)
-  neg = draw(sub)
-  _, neg, _ = jax.lax.while_loop(lambda c: jnp.any(c[2]), body,
-                                 (key, neg, in_history_at(history, rows, neg)))
-  return neg
+  return _rejection_sample(rng, rows.shape, num_items,
+                           lambda neg: in_history_at(history, rows, neg))
