@@ -14,10 +14,16 @@ from absl import logging
 class Interrupted(Exception):
   """Training stopped on a signal after saving `latest` at `epoch`."""
 
-  def __init__(self, phase: str, epoch: int, signum: int):
+  def __init__(self, phase: str | None, epoch: int | None, signum: int):
     self.phase, self.epoch, self.signum = phase, epoch, signum
-    super().__init__(f"interrupted at epoch {epoch} of phase {phase!r}; "
-                     "run the same command to resume")
+    if phase is None:
+      # The signal came outside the epoch loop (while resuming a finished
+      # run, compiling, or in the final test); everything is saved.
+      super().__init__(f"stopped by signal {signum} after the run's last "
+                       "save; run the same command to continue")
+    else:
+      super().__init__(f"interrupted at epoch {epoch} of phase {phase!r}; "
+                       "run the same command to resume")
 
 
 class Preemption:
@@ -52,10 +58,16 @@ class Preemption:
       self._old[s] = signal.signal(s, self._handler)
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, *exc):
+    caught = bool(self._old) and jax.process_count() == 1
     for s, h in self._old.items():
       signal.signal(s, h)
     self._old = {}
+    if exc_type is None and caught and self.signum:
+      # A signal that the epoch loop never saw (it came after the last
+      # epoch) still stops the process: otherwise a runner of many runs
+      # (table2, eps_sweep) would drop it and start the next run.
+      raise Interrupted(None, None, self.signum)
     return False
 
   def reached(self, mgr: ocp.CheckpointManager, epoch: int) -> int:

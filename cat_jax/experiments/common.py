@@ -239,6 +239,26 @@ def define_run_flags(config_help: str = "Config file.",
                       "(jax.vmap; for accelerators).")
 
 
+def run_app(main):
+  """`absl.app.run(main)` for a runner that trains: a signal that stopped
+  training (`checkpoints.Interrupted`) ends the process with one line and
+  exit code 128 + the signal, as launch.py does, not a traceback."""
+  import sys
+
+  from absl import app
+
+  from cat_jax import checkpoints
+
+  def _main(argv):
+    try:
+      return main(argv)
+    except checkpoints.Interrupted as e:
+      print(f"{sys.argv[0]}: {e}", file=sys.stderr)
+      sys.exit(128 + e.signum)
+
+  app.run(_main)
+
+
 def save_figure(fig, path: str):
   """Lays out, writes (PNG, 120 dpi) and closes a matplotlib figure."""
   import matplotlib.pyplot as plt

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from cat_jax.experiments import common
 
@@ -86,4 +86,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_app(main)

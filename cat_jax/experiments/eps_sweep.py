@@ -195,4 +195,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  common.run_app(main)
