@@ -37,7 +37,10 @@
 #   summary            (SETTING: all) every setting's table2.json and
 #                      robustness_minimal.json next to the paper's Table 2
 #                      and Fig. 5, with the claim checks
-#                      ($RUNS/paper_summary.md; cat_jax.experiments.paper_summary)
+#                      ($RUNS/paper_summary.md; cat_jax.experiments.paper_summary);
+#                      a setting without reports in $RUNS is read from
+#                      RESULTS.md's final tables (RECORDED, default
+#                      docs/results/final.json; RECORDED= turns it off)
 # Runs go to $RUNS/paper_<setting> (default RUNS=runs), compiled programs to
 # $RUNS/jax_cache (JAX_COMPILATION_CACHE_DIR overrides); every stage resumes
 # from checkpoints and reads finished runs back, so a stage can be run again
@@ -69,7 +72,8 @@ base=(--config.train.epochs=500 --config.train.eval_every=5
 if [ "$model" = sasrec ]; then grid=0.02,0.05,0.1,0.2; else grid=0.3,0.5,1,2; fi
 case $stage in
   summary)
-    python -m cat_jax.experiments.paper_summary --runs=$runs ;;
+    python -m cat_jax.experiments.paper_summary --runs=$runs \
+        --recorded=${RECORDED-docs/results/final.json} ;;
   pretrain)
     IFS=, read -ra seeds <<< "${arg:-0,1,2}"
     for s in "${seeds[@]}"; do

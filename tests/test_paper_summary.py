@@ -307,3 +307,65 @@ def test_cli_writes_the_summary_and_refuses_an_empty_folder(tmp_path):
   saved = json.loads((tmp_path / "paper_summary.json").read_text())
   assert saved["claims"]["gru4rec_video"][
       "accuracy: cas > global > none"]["ours"] is True
+
+
+FINAL = os.path.join(ROOT, "docs", "results", "final.json")
+
+
+def test_recorded_tables_fill_the_settings_without_a_report(tmp_path):
+  """With --recorded, a setting without a report under --runs is read from
+  final.json: its means, gains, p-values and per-seed values as recorded,
+  drops as fractions, `base` as `pretrain`; a run folder's report wins."""
+  with open(FINAL) as f:
+    final = json.load(f)["settings"]
+  rng = np.random.default_rng(3)
+  own = write_means(str(tmp_path), "gru4rec_video", MEANS["gru4rec_video"],
+                    rng)
+  loaded = paper_summary.load(str(tmp_path), paper_summary.SETTINGS, FINAL)
+  out = paper_summary.summarize(loaded)
+  st = out["settings"]
+  # The run folder's own table, not the recorded one.
+  assert st["gru4rec_video"]["recorded"]["table2"] is None
+  assert np.isclose(st["gru4rec_video"]["ours"]["cas"], np.mean(own["cas"]))
+  assert st["gru4rec_video"]["recorded"]["robustness"]  # none of its own
+  for s in ("sasrec_video", "sasrec_beauty", "gru4rec_beauty"):
+    rec = final[s]["table2"]["rows"]
+    assert st[s]["recorded"]["table2"].startswith("RESULTS.md at commit")
+    for m, row in rec.items():
+      assert st[s]["ours"][m] == row["mean"]
+      if row["pct_vs_none"] is not None:
+        assert np.isclose(100 * st[s]["ours_gain"][m], row["pct_vs_none"])
+    rob = final[s]["robustness"]["rows"]
+    assert np.isclose(100 * st[s]["last_item_drop"]["pretrain"],
+                      rob["base"]["last"][0])
+    assert np.isclose(100 * st[s]["last_item_drop"]["cas"],
+                      rob["cas"]["last"][0])
+    assert st[s]["last_cas_vs_global"]["p"] == rob["cas"]["p_vs_global"][0]
+    assert st[s]["cas_vs_global"]["p"] == rec["cas"]["p_vs_global"][0]
+  # Per-seed values where recorded, counted by hand; seeds without one are
+  # left out, not compared.
+  def wins(s, a, b):
+    rows = final[s]["table2"]["rows"]
+    pairs = [(x, y) for x, y in zip(rows[a]["values"], rows[b]["values"])
+             if x is not None and y is not None]
+    return [sum(x > y for x, y in pairs), len(pairs)]
+  for s in ("sasrec_video", "gru4rec_beauty"):
+    got = out["claims"][s]["accuracy: cas > global > none"]["seeds"]
+    assert list(got) == wins(s, "cas", "global")
+  assert wins("gru4rec_beauty", "cas", "global")[1] == 1
+  md = paper_summary.to_markdown(out)
+  assert "| sasrec_video (recorded) | 0,1,2 |" in md
+  assert "| gru4rec_video | 0,1,2 |" in md
+  assert "- sasrec_beauty table2: RESULTS.md at commit" in md
+
+
+def test_recorded_results_missing_is_one_line(tmp_path):
+  write_table(str(tmp_path), "gru4rec_video", np.random.default_rng(1),
+              ["cas", "global", "none"])
+  r = subprocess.run(
+      [sys.executable, "-m", "cat_jax.experiments.paper_summary",
+       f"--runs={tmp_path}", f"--recorded={tmp_path}/final.json"],
+      capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert r.returncode != 0
+  assert f"No recorded results at {tmp_path}/final.json" in r.stderr
+  assert "Traceback" not in r.stderr

@@ -1,6 +1,9 @@
 """The six settings side by side with the paper: Table 2, Fig. 5, verdicts.
 
   python -m cat_jax.experiments.paper_summary --runs=$RUNS
+  # Settings without a report of their own, from RESULTS.md's final tables:
+  python -m cat_jax.experiments.paper_summary --runs=$RUNS \
+      --recorded=docs/results/final.json
 
 Reads the reports the other runners wrote for each setting in --settings
 (`<model>_<data>`, as in `scripts/cpu_paper.sh`; SASRec and GRU4Rec on
@@ -8,6 +11,9 @@ Video, Beauty and Clothing):
 
   <runs>/paper_<setting>/table2.json             (table2 --seeds=0,1,2)
   <runs>/paper_<setting>/robustness_minimal.json (robustness_report)
+
+and, with --recorded, takes a report that is missing there from the
+transcription of RESULTS.md's tables (`recorded`; marked "(recorded)").
 
 and writes <runs>/paper_summary.json and .md: our test NDCG@10 next to the
 paper's Table 2 (each with its gain over the base), the last-item drop of
@@ -38,7 +44,7 @@ import os
 from absl import app, flags
 
 from cat_jax import checkpoints, stats, writer
-from cat_jax.experiments import common
+from cat_jax.experiments import common, recorded
 
 SETTINGS = ("sasrec_video", "gru4rec_video", "sasrec_beauty",
             "gru4rec_beauty", "sasrec_clothing", "gru4rec_clothing")
@@ -96,14 +102,25 @@ SPARSE_NOTE = (
     f"{100 * DENSITY['beauty']:.3f}%, Video {100 * DENSITY['video']:.3f}%).")
 
 
-def load(runs: str, settings) -> dict:
-  """{setting: {"table2": dict | None, "robustness": dict | None}}."""
+def load(runs: str, settings, recorded_path: str | None = None) -> dict:
+  """{setting: {"table2": dict | None, "robustness": dict | None}}.
+
+  A report missing under `runs` is taken from `recorded_path` (final.json,
+  `recorded.load`) when given and it holds that setting; such a report
+  carries a "recorded" key naming its source.
+  """
   folder = lambda s: os.path.join(runs, f"paper_{s}")
-  return {s: {"table2": checkpoints.read_json(
-                  os.path.join(folder(s), "table2.json")),
-              "robustness": checkpoints.read_json(
-                  os.path.join(folder(s), "robustness_minimal.json"))}
-          for s in settings}
+  out = {s: {"table2": checkpoints.read_json(
+                 os.path.join(folder(s), "table2.json")),
+             "robustness": checkpoints.read_json(
+                 os.path.join(folder(s), "robustness_minimal.json"))}
+         for s in settings}
+  if recorded_path:
+    for s, entry in recorded.load(recorded_path, settings).items():
+      for k, report in entry.items():
+        if out[s][k] is None:
+          out[s][k] = report
+  return out
 
 
 def _gain(values: dict, method: str) -> float | None:
@@ -118,6 +135,16 @@ def _ours(table: dict | None) -> dict:
     return {}
   return {m: row[METRIC]["mean"] for m, row in table["rows"].items()
           if METRIC in row}
+
+
+def _table_gain(table: dict | None, method: str) -> float | None:
+  """`method`'s gain over none in one table2.json: its `pct_vs_none` (from
+  the unrounded means; a recorded table keeps the notebook's), else from
+  the means."""
+  row = (table or {}).get("rows", {}).get(method, {}).get(METRIC, {})
+  if row.get("pct_vs_none") is not None:
+    return row["pct_vs_none"] / 100.0
+  return _gain(_ours(table), method)
 
 
 def _test(table: dict | None, method: str, ref: str) -> dict | None:
@@ -140,7 +167,11 @@ def _seed_wins(row_a: dict | None, row_b: dict | None, lower: bool = False):
   None when a row is missing."""
   if row_a is None or row_b is None:
     return None
-  pairs = list(zip(row_a["values"], row_b["values"]))
+  # A recorded table (`recorded`) may lack some seeds' values.
+  pairs = [(a, b) for a, b in zip(row_a["values"], row_b["values"])
+           if a is not None and b is not None]
+  if not pairs:
+    return None
   return (sum((a < b) if lower else (a > b) for a, b in pairs), len(pairs))
 
 
@@ -157,10 +188,12 @@ _RELATIONS = {"above": lambda a, b: a > b, "below": lambda a, b: a < b,
 
 def _by_seed(report: dict | None, row: dict | None) -> dict:
   """{seed: value} of a report row's per-seed `values` (the report's seeds,
-  in its order); {} when either is missing."""
+  in its order, without the seeds a recorded table has no value for); {}
+  when either is missing."""
   if report is None or row is None:
     return {}
-  return dict(zip(report["seeds"], row["values"]))
+  return {s: v for s, v in zip(report["seeds"], row["values"])
+          if v is not None}
 
 
 def _compare(a: dict, b: dict, relation: str) -> dict:
@@ -301,7 +334,7 @@ def sparsity_claims(loaded: dict) -> dict:
     tables = {d: loaded.get(f"{model}_{d}", {}).get("table2")
               for d in BY_SPARSITY}
     for m in ADV_METHODS:
-      gains = {d: _gain(_ours(tables[d]), m) for d in BY_SPARSITY}
+      gains = {d: _table_gain(tables[d], m) for d in BY_SPARSITY}
       paper = {d: _gain(PAPER_TABLE2[f"{model}_{d}"], m)
                for d in BY_SPARSITY}
       comparisons = []
@@ -336,8 +369,12 @@ def summarize(loaded: dict) -> dict:
     settings[s] = {
         "seeds": table["seeds"] if table else [],
         "robustness_seeds": rob["seeds"] if rob else [],
+        # Where each report came from: None for the run folder, else the
+        # transcription it was read from (`recorded`).
+        "recorded": {k: (r or {}).get("recorded")
+                     for k, r in (("table2", table), ("robustness", rob))},
         "ours": ours, "paper": paper,
-        "ours_gain": {m: _gain(ours, m) for m in ours},
+        "ours_gain": {m: _table_gain(table, m) for m in ours},
         "paper_gain": {m: _gain(paper, m) for m in paper},
         "last_item_drop": drops,
         "paper_last_item_drop": PAPER_LAST_ITEM_DROP.get(s),
@@ -392,7 +429,8 @@ def to_markdown(summary: dict, runs: str = "$RUNS") -> str:
         cells.append(f"{v['ours'][m]:.4f}{g}")
       else:
         cells.append("")
-    lines.append(f"| {s} | {','.join(map(str, v['seeds'])) or '-'} | "
+    lines.append(f"| {_name(s, v, 'table2')} | "
+                 f"{','.join(map(str, v['seeds'])) or '-'} | "
                  + " | ".join(cells) + " |")
     paper = [(f"{v['paper'][m]:.4f}"
               + ("" if m == "none" else f" ({_pct(v['paper_gain'][m])})"))
@@ -408,7 +446,8 @@ def to_markdown(summary: dict, runs: str = "$RUNS") -> str:
     cells = ["" if d[m] is None else f"{100 * d[m]:.1f}%"
              for m in ("pretrain", "none", "global", "cas")]
     paper = v["paper_last_item_drop"]
-    lines.append(f"| {s} | {','.join(map(str, v['robustness_seeds'])) or '-'}"
+    lines.append(f"| {_name(s, v, 'robustness')} | "
+                 f"{','.join(map(str, v['robustness_seeds'])) or '-'}"
                  f" | " + " | ".join(cells) + " | "
                  + common.format_p(v["last_cas_vs_global"]) + " | "
                  + ("" if paper is None else f"{100 * paper:.1f}%") + " |")
@@ -430,6 +469,14 @@ def to_markdown(summary: dict, runs: str = "$RUNS") -> str:
   lines += _clothing_markdown(summary["clothing"])
   lines += _sparsity_markdown(summary["sparsity"])
   lines += ["", SPARSE_NOTE]
+  sources = sorted({(s, k, src) for s, v in st.items()
+                    for k, src in v.get("recorded", {}).items() if src})
+  if sources:
+    lines += ["", "(recorded): read from the transcription of RESULTS.md's "
+              "final tables (--recorded), because the run folder has no "
+              "such report; per-seed values only where the notebook kept "
+              "them:"]
+    lines += [f"- {s} {k}: {src}" for s, k, src in sources]
   missing = [(s, k) for s, v in st.items()
              for k, ok in (("table2", v["seeds"]),
                            ("robustness", v["robustness_seeds"])) if not ok]
@@ -449,6 +496,12 @@ def to_markdown(summary: dict, runs: str = "$RUNS") -> str:
     lines += ["", "Not in --settings (the claims that need them are not yet "
               f"run): {', '.join(summary['not_loaded'])}."]
   return "\n".join(lines) + "\n"
+
+
+def _name(setting: str, v: dict, report: str) -> str:
+  """The setting's name, marked when its report is a recorded one."""
+  return setting + (" (recorded)" if v.get("recorded", {}).get(report)
+                    else "")
 
 
 def _seeds_cell(wins) -> str:
@@ -519,7 +572,10 @@ def main(argv):
   if not os.path.isdir(F.runs):
     raise app.UsageError(f"--runs={F.runs} is not a folder: give the RUNS "
                          f"folder that holds paper_<setting>/.")
-  loaded = load(F.runs, settings)
+  try:
+    loaded = load(F.runs, settings, F.recorded or None)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
   if not any(v["table2"] or v["robustness"] for v in loaded.values()):
     raise app.UsageError(
         f"No table2.json or robustness_minimal.json under "
@@ -536,6 +592,10 @@ def define_flags():
                       required=True)
   flags.DEFINE_string("settings", ",".join(SETTINGS),
                       "Comma-separated <model>_<data> settings.")
+  flags.DEFINE_string("recorded", "",
+                      "Transcribed results (docs/results/final.json) for "
+                      "the settings whose run folder lacks a report; empty: "
+                      "run folders only.")
 
 
 if __name__ == "__main__":
