@@ -46,6 +46,9 @@ def _table2(entry: dict) -> dict:
     for ref in ("none", "global"):
       if r.get(f"p_vs_{ref}") is not None:
         row[f"vs_{ref}"] = _test(r[f"p_vs_{ref}"])
+    per_seed = (entry.get("pct_vs_global_per_seed") or {}).get(m)
+    if per_seed:
+      row["pct_vs_global_per_seed"] = list(per_seed)
     rows[m] = {METRIC: row}
     if r.get("hr10") is not None:
       rows[m]["test/hr@10"] = {"mean": r["hr10"][0], "std": r["hr10"][1],
