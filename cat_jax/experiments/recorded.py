@@ -19,7 +19,6 @@ import os
 
 METRIC = "test/ndcg@10"
 ROB_METRIC = "ndcg@10"
-DEFAULT = os.path.join("docs", "results", "final.json")
 # final.json names the phase-1 model `base`; the robustness reports name it
 # by its phase, `pretrain`.
 _MODEL_NAMES = {"base": "pretrain"}
