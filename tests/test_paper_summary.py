@@ -374,3 +374,11 @@ def test_recorded_results_missing_is_one_line(tmp_path):
   assert r.returncode != 0
   assert f"No recorded results at {tmp_path}/final.json" in r.stderr
   assert "Traceback" not in r.stderr
+  # A file of another kind (here a table2.json) is named, not a KeyError.
+  wrong = tmp_path / "paper_gru4rec_video" / "table2.json"
+  r = subprocess.run(
+      [sys.executable, "-m", "cat_jax.experiments.paper_summary",
+       f"--runs={tmp_path}", f"--recorded={wrong}"],
+      capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert f"{wrong} is not a recorded-results file" in r.stderr

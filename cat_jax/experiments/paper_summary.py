@@ -271,7 +271,7 @@ def main(argv):
                          f"folder that holds paper_<setting>/.")
   try:
     loaded = load(F.runs, settings, F.recorded or None)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   if not any(v["table2"] or v["robustness"] for v in loaded.values()):
     raise app.UsageError(

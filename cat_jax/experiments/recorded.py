@@ -93,18 +93,25 @@ def load(path: str, settings) -> dict:
   """{setting: {"table2": dict | None, "robustness": dict | None}} of the
   `settings` that final.json at `path` records (the others are left out).
 
-  Raises FileNotFoundError naming `path` when it does not exist.
+  Raises FileNotFoundError naming `path` when it does not exist, ValueError
+  when it is not such a file.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"No recorded results at {path}: give --recorded=<final.json> "
         "(docs/results/final.json in the repository), or --recorded= to "
         "read only the run folders.")
-  with open(path) as f:
-    data = json.load(f)
+  try:
+    with open(path) as f:
+      data = json.load(f)
+    recorded = data["settings"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+        f"{path} is not a recorded-results file like docs/results/final.json "
+        f"(a JSON object with 'settings'): {e}") from None
   out = {}
   for s in settings:
-    entry = data["settings"].get(s) or {}
+    entry = recorded.get(s) or {}
     t2, rob = entry.get("table2"), entry.get("robustness")
     if t2 or rob:
       out[s] = {"table2": _table2(t2) if t2 else None,
