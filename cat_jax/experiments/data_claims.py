@@ -1,4 +1,4 @@
-"""The paper's claims that compare data sets, and what both summaries share.
+"""The paper's claims that compare data sets, and the comparisons they use.
 
 `paper_summary` checks the claims of each setting on its own; this module
 holds the paper's numbers, the per-seed comparisons (paired t-tests, Holm),
@@ -63,9 +63,8 @@ SPARSE_NOTE = (
     f"{100 * DENSITY['beauty']:.3f}%, Video {100 * DENSITY['video']:.3f}%).")
 
 
-
-
 def gain(values: dict, method: str) -> float | None:
+  """values[method] / values["none"] - 1, or None when either is missing."""
   if method not in values or "none" not in values:
     return None
   return values[method] / values["none"] - 1.0
