@@ -255,7 +255,7 @@ def paper_config(model: str, dataset: str,
   c.adv.method = a.method
   c.adv.eps = a.eps if a.eps >= 0 else tuned_eps(model, dataset, a.method)
   # Length buckets: same per-sequence results, ~6x faster epochs on the
-  # Amazon data; accuracy checked in RESULTS.md ("Length buckets").
+  # Amazon data; accuracy checked in docs/results/layouts.md.
   c.train.buckets = 4
   # Except GRU4Rec's ML-1M evaluation (T = 200, 3,416 items), measured 1.4x
   # slower bucketed (benchmarks/RESULTS.md): cheap scoring, more batches.
@@ -263,9 +263,9 @@ def paper_config(model: str, dataset: str,
   # SASRec on the Amazon sets trains on packed rows (`packing`): one
   # training shape, so a run starts 2x sooner on a CPU core, and its epochs
   # are 20-37% shorter (benchmarks/RESULTS.md, "Compilation"); accuracy as
-  # with buckets over three seeds (RESULTS.md, "Packed rows"). GRU4Rec
+  # with buckets over three seeds (docs/results/layouts.md). GRU4Rec
   # keeps buckets until a full-budget check: packed, its epochs are 4-16%
-  # shorter and 100 of its 500 epochs train as well (RESULTS.md). ML-1M
+  # shorter and 100 of its 500 epochs train as well (same file). ML-1M
   # (T = 200, ~165 items a user) fits one user per row: nothing to pack.
   c.train.layout = ("packed" if model == "sasrec" and dataset != "ml1m"
                     else "buckets")

@@ -25,11 +25,14 @@ def load_final() -> dict:
 
 
 def results_sections() -> dict:
-  """{heading text: its text up to the next heading} of RESULTS.md."""
-  with open(os.path.join(ROOT, "RESULTS.md"), encoding="utf-8") as f:
-    text = f.read()
-  parts = re.split(r"^#+\s+(.*)$", text, flags=re.M)
-  return dict(zip(parts[1::2], parts[2::2]))
+  """{heading text: its text up to the next heading} of RESULTS.md and of
+  the detailed reports it links (docs/results/*.md)."""
+  out = {}
+  for rel in ("RESULTS.md", os.path.join("docs", "results", "layouts.md")):
+    with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+      parts = re.split(r"^#+\s+(.*)$", f.read(), flags=re.M)
+    out.update(zip(parts[1::2], parts[2::2]))
+  return out
 
 
 def rows(section: str, name: str) -> list:
