@@ -28,7 +28,8 @@ def results_sections() -> dict:
   """{heading text: its text up to the next heading} of RESULTS.md and of
   the detailed reports it links (docs/results/*.md)."""
   out = {}
-  for rel in ("RESULTS.md", os.path.join("docs", "results", "layouts.md")):
+  for rel in ("RESULTS.md", os.path.join("docs", "results", "layouts.md"),
+              os.path.join("docs", "results", "poisoning.md")):
     with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
       parts = re.split(r"^#+\s+(.*)$", f.read(), flags=re.M)
     out.update(zip(parts[1::2], parts[2::2]))
