@@ -81,6 +81,8 @@ class _Runs:
                  for p in self.pdirs]
     self.selection = [checkpoints.Selection.load(
         checkpoints.selection_path(p), select) for p in self.pdirs]
+    # Wall time already counted into every active run's `Selection.train_s`.
+    self.counted_until = time.time()
 
   def __len__(self):
     return len(self.pdirs)
@@ -248,8 +250,11 @@ def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
       vals = validate(state.params)
       eval_s = time.time() - t_eval
       parts = runs.split(state)
+      spent, runs.counted_until = (time.time() - runs.counted_until,
+                                   time.time())
       for r in active:
         val, sel = vals[r], runs.selection[r]
+        sel.train_s += spent
         if sel.update(epoch, val[select]):
           checkpoints.save(runs.best[r], epoch, parts[r], wait=True)
         # The record goes first: a kill before the latest checkpoint is on
@@ -410,7 +415,7 @@ def run_phase(phase: str, state, epochs: int, epoch_fn, pert,
       return [evaluate.summarize(x, config.eval.ks)
               for x in (r if stacked else [r])]
 
-    t_phase = time.time()
+    runs.counted_until = time.time()
     try:
       state = _train_epochs(runs, state, start, epochs, epoch_fn, pert, data,
                             validate, config, preemption)
@@ -433,7 +438,8 @@ def run_phase(phase: str, state, epochs: int, epoch_fn, pert,
                  **{f"test/{k}": v for k, v in test.items()},
                  "last_epoch": sel.last_eval,
                  "stopped_early": sel.stopped(patience),
-                 "train_s": time.time() - t_phase}
+                 # Every process's time, with this one's test evaluation.
+                 "train_s": sel.train_s + time.time() - runs.counted_until}
       runs.writers[r].write({"phase": phase, "epoch": sel.epoch,
                              "split": "test",
                              **{f"test/{k}": v for k, v in test.items()}})

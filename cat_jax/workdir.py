@@ -188,12 +188,16 @@ class Selection:
     evals_since_best: evaluations after `epoch` without an improvement.
     last_eval: the last evaluated epoch (0: none). An evaluation of an
       epoch <= last_eval (retrained after a kill) is not counted twice.
+    train_s: seconds spent training and validating up to the last
+      evaluation, summed over every process that resumed this phase (the
+      work after an evaluation that a kill threw away is not counted).
   """
   metric: str
   epoch: int = -1
   value: float = -math.inf
   evals_since_best: int = 0
   last_eval: int = 0
+  train_s: float = 0.0
 
   def update(self, epoch: int, value: float) -> bool:
     """Records an evaluation; True if it is the new best."""
@@ -212,7 +216,7 @@ class Selection:
   def to_json(self) -> dict:
     return {"epoch": self.epoch, self.metric: self.value,
             "evals_since_best": self.evals_since_best,
-            "last_eval": self.last_eval}
+            "last_eval": self.last_eval, "train_s": self.train_s}
 
   @classmethod
   def load(cls, path: str, metric: str) -> "Selection":
@@ -221,7 +225,8 @@ class Selection:
       return cls(metric)
     return cls(metric, epoch=d["epoch"], value=d[metric],
                evals_since_best=d.get("evals_since_best", 0),
-               last_eval=d.get("last_eval", d["epoch"]))
+               last_eval=d.get("last_eval", d["epoch"]),
+               train_s=d.get("train_s", 0.0))
 
 
 def selection_path(phase_dir: str) -> str:

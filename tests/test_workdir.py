@@ -74,10 +74,19 @@ def test_extending_phase_1_under_a_phase_2_is_refused_or_retrains(
 
 
 def test_extending_the_last_phase_is_allowed(make_config, trained, tmp_path):
+  import time
   w = copy_of(trained, tmp_path)
+  before = json.load(open(w / "linear" / "best.json"))["train_s"]
+  assert before > 0
+  t0 = time.time()
   r = train.train_and_evaluate(make_config(**{**BASE, "adv.epochs": 2}),
                                str(w))
+  took = time.time() - t0
   assert r["linear"]["last_epoch"] == 2
+  # The training time adds up over the processes that trained the phase:
+  # the first one's (in best.json) plus at most this call's.
+  after = json.load(open(w / "linear" / "best.json"))["train_s"]
+  assert before < after <= r["linear"]["train_s"] <= before + took
   # Shrinking it is not.
   with pytest.raises(checkpoints.WorkdirMismatch, match="adv.epochs=1"):
     train.train_and_evaluate(make_config(**BASE), str(w))

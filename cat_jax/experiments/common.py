@@ -197,8 +197,9 @@ def to_markdown(summary: dict, extra=None) -> str:
   note = (f"\n\np: two-sided paired t-test over the seeds on NDCG@10; in "
           f"parentheses Holm-adjusted over the {len(family)} comparisons of "
           f"this table, * where the adjusted p <= 0.05." if family else "")
-  runs = (f"\n\nEvery run (epochs of its own phase; training time on "
-          f"this machine):\n\n{runs_markdown(summary['runs'])}"
+  runs = (f"\n\nEvery run (epochs of its own phase; minutes of training "
+          f"and validation on this machine, summed over the processes "
+          f"that resumed it):\n\n{runs_markdown(summary['runs'])}"
           if summary.get("runs") else "")
   return ("\n".join(lines) + note + runs
           + f"\n\nseeds: {summary['seeds']}\n")
