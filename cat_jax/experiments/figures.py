@@ -230,8 +230,9 @@ def write_figures(settings: list[dict], out: str) -> list[str]:
     raise ImportError('matplotlib is not installed: pip install -e ".[plots]"')
   os.makedirs(out, exist_ok=True)
   paths = [os.path.join(out, f) for f in FILES]
-  plot_gains(settings, paths[0], plt)
-  plot_drops(settings, paths[1], plt)
+  plot_gains([s for s in settings if s["gain"]], paths[0], plt)
+  # A setting whose Fig. 5/6 is not run yet has no panel there.
+  plot_drops([s for s in settings if s["drops"]], paths[1], plt)
   return paths
 
 
