@@ -250,8 +250,8 @@ def _train_epochs(runs: _Runs, state, start, epochs, epoch_fn, pert, data,
       vals = validate(state.params)
       eval_s = time.time() - t_eval
       parts = runs.split(state)
-      spent, runs.counted_until = (time.time() - runs.counted_until,
-                                   time.time())
+      now = time.time()
+      spent, runs.counted_until = now - runs.counted_until, now
       for r in active:
         val, sel = vals[r], runs.selection[r]
         sel.train_s += spent

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 
-METRIC = "test/ndcg@10"
+from cat_jax.experiments.data_claims import METRIC
+
 ROB_METRIC = "ndcg@10"
 # final.json names the phase-1 model `base`; the robustness reports name it
 # by its phase, `pretrain`.
